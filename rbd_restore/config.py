@@ -1,0 +1,163 @@
+"""The rbd-restore configuration: one TOML file, every field overridable by env.
+
+The file is found from ``--config`` or ``RBD_RESTORE_CONFIG``. A field
+``section.key`` is overridden by the environment variable
+``RBD_RESTORE_<SECTION>_<KEY>`` (upper case). S3 credentials fall back to the
+standard ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` variables. The fields
+are documented in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rbd_restore.errors import ConfigError
+
+CONFIG_ENV = "RBD_RESTORE_CONFIG"
+ENV_PREFIX = "RBD_RESTORE_"
+
+
+@dataclass(frozen=True)
+class CephSettings:
+    conf: str = "/etc/ceph/ceph.conf"
+    keyring: str = ""
+    client_name: str = "client.admin"
+
+    @property
+    def rados_id(self) -> str:
+        """The id librados wants: the client name without its ``client.`` type."""
+        return self.client_name.removeprefix("client.")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str = ""
+    access_key: str = field(default="", repr=False)
+    secret_key: str = field(default="", repr=False)
+    region: str = "us-east-1"
+    bucket: str = ""
+    prefix: str = ""
+    max_attempts: int = 8
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    backup_default: str = "volumes"
+    restore_default: str = "volumes"
+
+
+@dataclass(frozen=True)
+class Config:
+    ceph: CephSettings = field(default_factory=CephSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    pools: PoolSettings = field(default_factory=PoolSettings)
+    source: str = ""
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "ceph": CephSettings,
+    "s3": S3Settings,
+    "pools": PoolSettings,
+}
+
+
+def _coerce(name: str, value: Any, wanted: type[Any]) -> Any:
+    if wanted is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"config field {name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"config field {name}: expected an integer, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"config field {name}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _section_from(name: str, cls: type[Any], raw: Mapping[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"config field {name}.{key}: unknown field")
+    values: dict[str, Any] = {}
+    for key, spec in known.items():
+        env_name = f"{ENV_PREFIX}{name}_{key}".upper()
+        if env_name in os.environ:
+            values[key] = _coerce(f"{name}.{key} (from {env_name})", os.environ[env_name],
+                                  _type_of(spec))
+        elif key in raw:
+            values[key] = _coerce(f"{name}.{key}", raw[key], _type_of(spec))
+    return cls(**values)
+
+
+def _type_of(spec: dataclasses.Field[Any]) -> type[Any]:
+    return int if spec.type in (int, "int") else str
+
+
+def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
+    """Build a validated :class:`Config` from parsed TOML plus the environment."""
+    for key, value in raw.items():
+        if key not in _SECTIONS:
+            raise ConfigError(f"config field {key}: unknown section")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field {key}: expected a table")
+    sections = {name: _section_from(name, cls, raw.get(name, {}))
+                for name, cls in _SECTIONS.items()}
+    s3: S3Settings = sections["s3"]
+    if not s3.access_key and os.environ.get("AWS_ACCESS_KEY_ID"):
+        s3 = dataclasses.replace(s3, access_key=os.environ["AWS_ACCESS_KEY_ID"])
+    if not s3.secret_key and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        s3 = dataclasses.replace(s3, secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
+    if s3.max_attempts < 1:
+        raise ConfigError("config field s3.max_attempts: must be at least 1")
+    return Config(ceph=sections["ceph"], s3=s3, pools=sections["pools"], source=source)
+
+
+def config_path(explicit: str | None) -> Path:
+    chosen = explicit or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        raise ConfigError(f"no configuration file: pass --config or set {CONFIG_ENV}")
+    return Path(chosen)
+
+
+def load(explicit: str | None = None) -> Config:
+    """Read the configuration file named by ``--config`` or the environment."""
+    path = config_path(explicit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return from_mapping(raw, source=str(path))
+
+
+def require(value: str, name: str) -> str:
+    """Return a setting that a command cannot work without, or say which is missing."""
+    if not value:
+        env_name = f"{ENV_PREFIX}{name.replace('.', '_')}".upper()
+        raise ConfigError(f"config field {name} is not set (in the config file or {env_name})")
+    return value
+
+
+def render_toml(sections: Mapping[str, Mapping[str, str | int]]) -> str:
+    """Write a config file; JSON string escapes are valid TOML basic strings."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            rendered = str(value) if isinstance(value, int) else json.dumps(value)
+            lines.append(f"{key} = {rendered}")
+        lines.append("")
+    return "\n".join(lines)

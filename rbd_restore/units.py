@@ -1,0 +1,30 @@
+"""Byte sizes as users write them (``4M``, ``8G``, ``65536``)."""
+
+from __future__ import annotations
+
+from rbd_restore.errors import UsageError
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, what: str) -> int:
+    """Parse a size with an optional binary suffix (K, M, G, T; ``KiB`` and ``KB`` too)."""
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, suffix = cleaned, ""
+    if cleaned and cleaned[-1] in _SUFFIXES:
+        number, suffix = cleaned[:-1], cleaned[-1]
+    if not number.isdigit():
+        raise UsageError(f"{what}: {text!r} is not a size (examples: 65536, 64K, 4M, 8G)")
+    value = int(number) * _SUFFIXES[suffix]
+    if value <= 0:
+        raise UsageError(f"{what}: must be greater than zero")
+    return value
+
+
+def format_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"

@@ -1,0 +1,30 @@
+"""The CLI's contract: one line and a non-zero exit for every known failure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rbd_restore.cli", *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("rbd-restore ")
+
+
+def test_unknown_log_level_is_one_line() -> None:
+    result = run("--log-level", "chatty", "dev", "status", "--dir", "/nonexistent")
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1
+    assert "log level" in result.stderr
+
+
+def test_dev_status_of_missing_cluster() -> None:
+    result = run("dev", "status", "--dir", "/nonexistent/x")
+    assert result.returncode == 8
+    assert result.stderr.strip() == "rbd-restore: error: /nonexistent/x holds no embedded cluster"

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rbd_restore import config
+from rbd_restore.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_full_file_round_trips_through_render(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    text = config.render_toml({
+        "ceph": {"conf": "/x/ceph.conf", "keyring": "/x/k", "client_name": "client.bob"},
+        "s3": {"endpoint": "http://h:1", "access_key": "A", "secret_key": 'q"\\z',
+               "bucket": "b", "max_attempts": 3},
+    })
+    cfg = config.load(write(tmp_path, text))
+    assert cfg.ceph.rados_id == "bob"
+    assert cfg.s3.secret_key == 'q"\\z'
+    assert cfg.s3.max_attempts == 3
+    assert cfg.pools.restore_default == "volumes"
+
+
+def test_environment_overrides_every_field(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RBD_RESTORE_S3_BUCKET", "from-env")
+    monkeypatch.setenv("RBD_RESTORE_S3_MAX_ATTEMPTS", "5")
+    monkeypatch.setenv("RBD_RESTORE_CEPH_CONF", "/env/ceph.conf")
+    cfg = config.load(write(tmp_path, '[s3]\nbucket = "file"\n'))
+    assert cfg.s3.bucket == "from-env"
+    assert cfg.s3.max_attempts == 5
+    assert cfg.ceph.conf == "/env/ceph.conf"
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RBD_RESTORE_CONFIG", write(tmp_path, '[s3]\nbucket = "b"\n'))
+    assert config.load().s3.bucket == "b"
+
+
+def test_aws_variables_are_the_credential_fallback(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SK")
+    cfg = config.load(write(tmp_path, "[s3]\n"))
+    assert (cfg.s3.access_key, cfg.s3.secret_key) == ("AK", "SK")
+    assert "SK" not in repr(cfg)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("[s3]\nbucket = 3\n", "s3.bucket"),
+    ("[s3]\nbukket = 'x'\n", "s3.bukket"),
+    ("[nope]\n", "nope"),
+    ("s3 = 1\n", "s3"),
+    ("[s3]\nmax_attempts = 'many'\n", "s3.max_attempts"),
+    ("[s3]\nmax_attempts = 0\n", "s3.max_attempts"),
+    ("[s3\n", "not valid TOML"),
+])
+def test_malformed_files_name_the_field(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, text))
+    assert needle in err.value.message
+    assert "\n" not in err.value.message
+
+
+def test_missing_file_and_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(str(tmp_path / "absent.toml"))
+    monkeypatch.delenv("RBD_RESTORE_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="RBD_RESTORE_CONFIG"):
+        config.load(None)
+
+
+def test_require_names_the_missing_field() -> None:
+    with pytest.raises(ConfigError, match=r"s3\.endpoint .*RBD_RESTORE_S3_ENDPOINT"):
+        config.require("", "s3.endpoint")
