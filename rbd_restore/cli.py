@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from rbd_restore import __version__
+from rbd_restore import __version__, cli_backup
 from rbd_restore.cli_dev import dev_app
 from rbd_restore.errors import UserError
 
@@ -23,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(dev_app, name="dev")
+cli_backup.register(app)
 
 
 def _version(value: bool) -> None:
@@ -50,10 +50,6 @@ def root(
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = {"config": config}
-
-
-def print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
 def main() -> None:

@@ -1,0 +1,198 @@
+"""``rbd-restore backup``: snapshot an RBD image and store it in the repository.
+
+Only allocated extents are read (``diff_iterate``), and when the previous
+backup's snapshot still exists only what changed since it; unchanged chunks are
+taken from the parent manifest. A chunk is uploaded only if the bucket does not
+hold it yet. Reads, hashing, compression and uploads run on a bounded pool of
+workers, so memory stays at about ``2 * workers`` chunks whatever the image size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rbd_restore.ceph import Cluster, ImageRef, open_image
+from rbd_restore.errors import UserError
+from rbd_restore.parallel import run_bounded
+from rbd_restore.repo import chunks as chunk_codec
+from rbd_restore.repo.locks import backup_lock
+from rbd_restore.repo.manifest import Manifest, Source, Stats, chunk_count
+from rbd_restore.repo.repository import (
+    Repository,
+    backup_id_of_snapshot,
+    new_backup_id,
+    snapshot_name,
+)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    manifest: Manifest
+    parent: str | None
+    chunks_read: int
+
+    def as_json(self) -> dict[str, Any]:
+        stats = self.manifest.stats
+        return {"backup_id": self.manifest.backup_id, "image": self.manifest.source.spec,
+                "parent": self.parent, "bytes_read": stats.bytes_read,
+                "bytes_uploaded": stats.bytes_uploaded, "chunks_new": stats.chunks_new,
+                "chunks_reused": stats.chunks_reused, "seconds": round(stats.seconds, 3)}
+
+
+@dataclass
+class _Counters:
+    bytes_read: int = 0
+    bytes_uploaded: int = 0
+    chunks_new: int = 0
+    chunks_read: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Uploader:
+    """Stores each distinct chunk at most once, even when workers race on it."""
+
+    def __init__(self, repo: Repository, known: set[str], counters: _Counters) -> None:
+        self.repo = repo
+        self.known = known
+        self.counters = counters
+        self.lock = threading.Lock()
+        self.in_flight: dict[str, threading.Event] = {}
+
+    def ensure(self, cid: str, data: bytes | memoryview) -> None:
+        with self.lock:
+            if cid in self.known:
+                return
+            pending = self.in_flight.get(cid)
+            if pending is None:
+                self.in_flight[cid] = threading.Event()
+        if pending is not None:
+            pending.wait()
+            if cid in self.known:
+                return
+            return self.ensure(cid, data)  # the other worker failed: try ourselves
+        try:
+            if not self.repo.has_chunk(cid):
+                stored = chunk_codec.encode_chunk(data)
+                self.repo.put_chunk(cid, stored)
+                with self.counters.lock:
+                    self.counters.bytes_uploaded += len(stored)
+                    self.counters.chunks_new += 1
+            with self.lock:
+                self.known.add(cid)
+        finally:
+            with self.lock:
+                self.in_flight.pop(cid).set()
+
+
+def _find_parent(repo: Repository, image: Any, chunk_size: int) -> Manifest | None:
+    """Newest backup whose snapshot is still on the image and can seed an incremental."""
+    snaps = sorted(image.list_snaps(), key=lambda s: s["id"], reverse=True)
+    for snap in snaps:
+        backup_id = backup_id_of_snapshot(snap["name"])
+        if backup_id is None:
+            continue
+        try:
+            manifest = repo.load_manifest(backup_id)
+        except UserError as exc:
+            log.info("snapshot %s cannot seed an incremental: %s", snap["name"], exc)
+            continue
+        if manifest.chunk_size == chunk_size and manifest.image_size == snap["size"]:
+            return manifest
+    return None
+
+
+def _dirty_chunks(image: Any, size: int, chunk_size: int, since: str | None) -> set[int]:
+    dirty: set[int] = set()
+
+    def mark(offset: int, length: int, _exists: bool) -> int:
+        dirty.update(range(offset // chunk_size, (offset + length - 1) // chunk_size + 1))
+        return 0
+
+    if size:
+        image.diff_iterate(0, size, since, mark, include_parent=True, whole_object=True)
+    return dirty
+
+
+def _remove_older_snapshots(image: Any, keep: str) -> None:
+    for snap in list(image.list_snaps()):
+        if snap["name"] != keep and backup_id_of_snapshot(snap["name"]):
+            try:
+                image.remove_snap(snap["name"])
+            except Exception as exc:  # a protected or cloned snapshot stays; say so
+                log.warning("kept snapshot %s: %s", snap["name"], type(exc).__name__)
+
+
+def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: int,
+               full: bool = False, workers: int = 8, progress: Progress | None = None) -> \
+        BackupResult:
+    chunk_codec.validate_chunk_size(chunk_size)
+    started = time.monotonic()
+    repo.store.check_bucket()
+    backup_id = new_backup_id()
+    snap = snapshot_name(backup_id)
+    with cluster.ioctx(ref.pool) as ioctx, open_image(ioctx, ref) as image, \
+            backup_lock(repo.store, repo.keys, backup_id):
+        parent = None if full else _find_parent(repo, image, chunk_size)
+        image.create_snap(snap)
+        try:
+            with open_image(ioctx, ref, snapshot=snap, read_only=True) as frozen:
+                manifest, chunks_read = _store_snapshot(
+                    repo, frozen, backup_id, parent, chunk_size, workers, progress,
+                    Source(fsid=cluster.fsid, pool=ref.pool, image=ref.name,
+                           image_id=str(image.id()), snapshot=snap), started)
+            repo.save_manifest(manifest)
+        except BaseException:
+            image.remove_snap(snap)
+            raise
+        _remove_older_snapshots(image, keep=snap)
+    return BackupResult(manifest, parent.backup_id if parent else None, chunks_read)
+
+
+def _store_snapshot(repo: Repository, frozen: Any, backup_id: str, parent: Manifest | None,
+                    chunk_size: int, workers: int, progress: Progress | None, source: Source,
+                    started: float) -> tuple[Manifest, int]:
+    size = int(frozen.size())
+    count = chunk_count(size, chunk_size)
+    # The parent's snapshot on this image holds exactly the parent backup's content.
+    since = snapshot_name(parent.backup_id) if parent else None
+    dirty = sorted(_dirty_chunks(frozen, size, chunk_size, since))
+    chunk_ids: list[str | None] = list(parent.chunks) if parent else [None] * count
+    counters = _Counters()
+    uploader = _Uploader(repo, parent.unique_chunk_ids() if parent else set(), counters)
+    total = sum(min(chunk_size, size - i * chunk_size) for i in dirty)
+
+    def work(index: int) -> None:
+        offset = index * chunk_size
+        data = frozen.read(offset, min(chunk_size, size - offset))
+        with counters.lock:
+            counters.bytes_read += len(data)
+            counters.chunks_read += 1
+            if progress:
+                progress(counters.bytes_read, total)
+        if chunk_codec.is_zero(data):
+            chunk_ids[index] = None
+            return
+        cid = chunk_codec.chunk_id(data)
+        uploader.ensure(cid, data)
+        chunk_ids[index] = cid
+
+    run_bounded(work, dirty, workers, "backup")
+    nonzero = sum(1 for cid in chunk_ids if cid is not None)
+    stats = Stats(bytes_read=counters.bytes_read, bytes_uploaded=counters.bytes_uploaded,
+                  chunks_new=counters.chunks_new, chunks_reused=nonzero - counters.chunks_new,
+                  seconds=time.monotonic() - started)
+    manifest = Manifest(
+        backup_id=backup_id, created=dt.datetime.now(dt.UTC).isoformat(), source=source,
+        image_size=size, chunk_size=chunk_size, chunks=chunk_ids,
+        parent=parent.backup_id if parent else None, stats=stats)
+    return manifest, counters.chunks_read

@@ -1,0 +1,1 @@
+"""The backup repository in S3: chunks, manifests and locks (docs/format.md)."""

@@ -1,0 +1,187 @@
+"""Manifests: the complete, self-checking description of one backup.
+
+A manifest is one JSON object (docs/format.md, "Manifest"). ``chunks`` lists the
+image's chunks in order: a string is a chunk id, a positive integer ``n`` stands
+for ``n`` consecutive all-zero (or unallocated) chunks. ``checksum`` is the
+SHA-256 of the canonical JSON of every other field, so a truncated or edited
+manifest is refused on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rbd_restore.errors import IntegrityError
+from rbd_restore.repo.chunks import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from rbd_restore.repo.layout import BACKUP_ID, CHUNK_ID
+
+FORMAT_VERSION = 1
+
+# One entry per chunk of the image: a chunk id, or None for an all-zero chunk.
+ChunkList = list[str | None]
+
+
+@dataclass(frozen=True)
+class Source:
+    fsid: str
+    pool: str
+    image: str
+    image_id: str
+    snapshot: str
+    namespace: str = ""
+
+    @property
+    def spec(self) -> str:
+        ns = f"{self.namespace}/" if self.namespace else ""
+        return f"{self.pool}/{ns}{self.image}"
+
+
+@dataclass(frozen=True)
+class Stats:
+    bytes_read: int = 0
+    bytes_uploaded: int = 0
+    chunks_new: int = 0
+    chunks_reused: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    backup_id: str
+    created: str
+    source: Source
+    image_size: int
+    chunk_size: int
+    chunks: ChunkList
+    parent: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def chunk_count(self) -> int:
+        return chunk_count(self.image_size, self.chunk_size)
+
+    def chunk_length(self, index: int) -> int:
+        """Plain length of chunk ``index``: the last chunk may be short."""
+        return min(self.chunk_size, self.image_size - index * self.chunk_size)
+
+    def allocated(self) -> Iterator[tuple[int, str]]:
+        for index, cid in enumerate(self.chunks):
+            if cid is not None:
+                yield index, cid
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(self.chunk_length(i) for i, _ in self.allocated())
+
+    def unique_chunk_ids(self) -> set[str]:
+        return {cid for cid in self.chunks if cid is not None}
+
+
+def chunk_count(image_size: int, chunk_size: int) -> int:
+    return -(-image_size // chunk_size)
+
+
+def encode_chunk_list(chunks: Sequence[str | None]) -> list[str | int]:
+    encoded: list[str | int] = []
+    for cid in chunks:
+        if cid is None:
+            if encoded and isinstance(encoded[-1], int):
+                encoded[-1] += 1
+            else:
+                encoded.append(1)
+        else:
+            encoded.append(cid)
+    return encoded
+
+
+def decode_chunk_list(encoded: Any) -> ChunkList:
+    if not isinstance(encoded, list):
+        raise IntegrityError("manifest field chunks is not a list")
+    chunks: ChunkList = []
+    for item in encoded:
+        if isinstance(item, str) and CHUNK_ID.match(item):
+            chunks.append(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and item > 0:
+            chunks.extend([None] * item)
+        else:
+            raise IntegrityError(f"manifest field chunks holds an invalid entry {item!r:.80}")
+    return chunks
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def to_json(manifest: Manifest) -> bytes:
+    body: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "backup_id": manifest.backup_id,
+        "created": manifest.created,
+        "source": asdict(manifest.source),
+        "parent": manifest.parent,
+        "image_size": manifest.image_size,
+        "chunk_size": manifest.chunk_size,
+        "hash": "sha256",
+        "compression": "zstd",
+        "chunks": encode_chunk_list(manifest.chunks),
+        "stats": asdict(manifest.stats),
+    }
+    body["checksum"] = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
+    return json.dumps(body, indent=1).encode() + b"\n"
+
+
+def _field(body: dict[str, Any], name: str, kind: type[Any] | tuple[type[Any], ...]) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise IntegrityError(f"manifest field {name} is missing or has the wrong type")
+    return value
+
+
+def from_json(data: bytes, expected_id: str | None = None) -> Manifest:
+    """Parse and validate a manifest; anything off raises :class:`IntegrityError`."""
+    what = f"manifest {expected_id}" if expected_id else "manifest"
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError(f"{what} is not valid JSON (truncated or damaged)") from None
+    if not isinstance(body, dict):
+        raise IntegrityError(f"{what} is not a JSON object")
+    version = body.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IntegrityError(f"{what} has format_version {version!r}; this rbd-restore reads "
+                             f"version {FORMAT_VERSION}")
+    checksum = body.pop("checksum", None)
+    if checksum != "sha256:" + hashlib.sha256(_canonical(body)).hexdigest():
+        raise IntegrityError(f"{what} fails its checksum (edited or damaged)")
+    backup_id = _field(body, "backup_id", str)
+    if not BACKUP_ID.match(backup_id) or (expected_id and backup_id != expected_id):
+        raise IntegrityError(f"{what} names backup {backup_id!r:.40}")
+    if body.get("hash") != "sha256" or body.get("compression") != "zstd":
+        raise IntegrityError(f"{what} uses an unknown hash or compression")
+    image_size = _field(body, "image_size", int)
+    chunk_size = _field(body, "chunk_size", int)
+    if image_size < 0 or chunk_size < MIN_CHUNK_SIZE or chunk_size > MAX_CHUNK_SIZE or (
+            chunk_size & (chunk_size - 1)):
+        raise IntegrityError(f"{what} has an invalid image or chunk size")
+    chunks = decode_chunk_list(body.get("chunks"))
+    if len(chunks) != chunk_count(image_size, chunk_size):
+        raise IntegrityError(f"{what} lists {len(chunks)} chunks where the image has "
+                             f"{chunk_count(image_size, chunk_size)}")
+    raw_source = _field(body, "source", dict)
+    try:
+        source = Source(**{k: str(raw_source[k]) for k in
+                           ("fsid", "pool", "image", "image_id", "snapshot")},
+                        namespace=str(raw_source.get("namespace", "")))
+        stats = Stats(**_field(body, "stats", dict))
+    except (KeyError, TypeError):
+        raise IntegrityError(f"{what} has an incomplete source or stats field") from None
+    parent = body.get("parent")
+    if parent is not None and (not isinstance(parent, str) or not BACKUP_ID.match(parent)):
+        raise IntegrityError(f"{what} has an invalid parent")
+    return Manifest(backup_id=backup_id, created=_field(body, "created", str), source=source,
+                    image_size=image_size, chunk_size=chunk_size, chunks=chunks, parent=parent,
+                    stats=stats)

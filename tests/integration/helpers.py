@@ -1,0 +1,76 @@
+"""Helpers for tests that drive the real CLI against the session's cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from rbd_restore import devcluster
+
+
+@dataclass
+class Cli:
+    """Runs ``rbd-restore`` with the cluster's config and a repository prefix of its own."""
+
+    cluster: devcluster.ClusterInfo
+    prefix: str
+    extra_env: dict[str, str]
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, "RBD_RESTORE_CONFIG": str(self.cluster.config),
+                    "RBD_RESTORE_S3_PREFIX": self.prefix, **self.extra_env, **(env or {})}
+        return subprocess.run([sys.executable, "-m", "rbd_restore.cli", *args],
+                              capture_output=True, text=True, env=full_env, timeout=timeout,
+                              check=False)
+
+    def json(self, *args: str, env: dict[str, str] | None = None) -> Any:
+        result = self.run(*args, "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def fails(self, *args: str, env: dict[str, str] | None = None) -> str:
+        """Run a command that must fail with one line on stderr; return that line."""
+        result = self.run(*args, env=env)
+        assert result.returncode != 0, result.stdout
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        return lines[0]
+
+
+def export_digest(cluster: devcluster.ClusterInfo, spec: str) -> str:
+    """SHA-256 of ``rbd export`` of an image or snapshot: the whole content."""
+    proc = subprocess.Popen(["rbd", "-c", str(cluster.ceph_conf), "export", spec, "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    digest = hashlib.sha256()
+    assert proc.stdout is not None
+    for block in iter(lambda: proc.stdout.read(1 << 20), b""):  # type: ignore[union-attr]
+        digest.update(block)
+    assert proc.wait() == 0, f"rbd export {spec} failed"
+    return digest.hexdigest()
+
+
+def du_used(cluster: devcluster.ClusterInfo, spec: str) -> int:
+    out = subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "du", spec, "--format", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    images = json.loads(out)["images"]
+    return sum(int(i["used_size"]) for i in images if i["name"] == spec.split("/")[-1]
+               and not i.get("snapshot"))
+
+
+def scatter_random_data(image: Any, rng: random.Random, writes: int,
+                        max_len: int = 300_000) -> None:
+    """Random bytes at random offsets, including the image's last partial chunk."""
+    size = image.size()
+    for _ in range(writes):
+        length = rng.randint(1, max_len)
+        offset = rng.randrange(0, max(1, size - length))
+        image.write(rng.randbytes(length), offset)
+    image.write(rng.randbytes(min(size, 777)), size - min(size, 777))
