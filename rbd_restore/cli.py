@@ -10,6 +10,7 @@ import typer
 
 from rbd_restore import __version__, cli_backup
 from rbd_restore.cli_dev import dev_app
+from rbd_restore.cli_fetcher import fetcher_app
 from rbd_restore.errors import UserError
 
 log = logging.getLogger("rbd_restore")
@@ -22,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(dev_app, name="dev")
+app.add_typer(fetcher_app, name="fetcher")
 cli_backup.register(app)
 
 

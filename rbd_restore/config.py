@@ -54,10 +54,36 @@ class PoolSettings:
 
 
 @dataclass(frozen=True)
+class FetcherSettings:
+    listen: str = "127.0.0.1:8470"
+    public_url: str = ""
+    control_listen: str = "127.0.0.1:8471"
+    control_url: str = ""
+    control_token: str = field(default="", repr=False)
+    secret: str = field(default="", repr=False)
+    metrics_listen: str = "127.0.0.1:8472"
+    cache_dir: str = "/var/cache/rbd-restore"
+    cache_size: str = "20G"
+    s3_concurrency: int = 16
+    s3_stall_seconds: int = 600
+    session_max_age_days: int = 30
+
+    @property
+    def data_url(self) -> str:
+        """Base URL librbd uses: the public URL, or the listen address."""
+        return (self.public_url or f"http://{self.listen}").rstrip("/")
+
+    @property
+    def control_base(self) -> str:
+        return (self.control_url or f"http://{self.control_listen}").rstrip("/")
+
+
+@dataclass(frozen=True)
 class Config:
     ceph: CephSettings = field(default_factory=CephSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     pools: PoolSettings = field(default_factory=PoolSettings)
+    fetcher: FetcherSettings = field(default_factory=FetcherSettings)
     source: str = ""
 
 
@@ -65,6 +91,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "ceph": CephSettings,
     "s3": S3Settings,
     "pools": PoolSettings,
+    "fetcher": FetcherSettings,
 }
 
 
@@ -117,7 +144,8 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
         s3 = dataclasses.replace(s3, secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
     if s3.max_attempts < 1:
         raise ConfigError("config field s3.max_attempts: must be at least 1")
-    return Config(ceph=sections["ceph"], s3=s3, pools=sections["pools"], source=source)
+    return Config(ceph=sections["ceph"], s3=s3, pools=sections["pools"],
+                  fetcher=sections["fetcher"], source=source)
 
 
 def config_path(explicit: str | None) -> Path:

@@ -245,7 +245,7 @@ def _s3_ready(info: ClusterInfo, create_bucket: bool) -> bool:
         return False
 
 
-def _write_config(layout: Layout, info: ClusterInfo) -> None:
+def _write_config(layout: Layout, info: ClusterInfo, state: ClusterState) -> None:
     text = config_mod.render_toml({
         "ceph": {"conf": str(layout.ceph_conf), "keyring": str(layout.admin_keyring),
                  "client_name": "client.admin"},
@@ -253,6 +253,13 @@ def _write_config(layout: Layout, info: ClusterInfo) -> None:
                "secret_key": info.s3_secret_key, "bucket": info.bucket, "prefix": "",
                "region": "us-east-1"},
         "pools": {"backup_default": "volumes", "restore_default": "volumes"},
+        "fetcher": {"listen": f"127.0.0.1:{state.fetcher_port}",
+                    "control_listen": f"127.0.0.1:{state.fetcher_control_port}",
+                    "metrics_listen": f"127.0.0.1:{state.fetcher_metrics_port}",
+                    "control_token": state.fetcher_control_token,
+                    "secret": state.fetcher_secret,
+                    "cache_dir": str(layout.root / "fetcher" / "cache"),
+                    "cache_size": "2G"},
     })
     write_private(layout.config_file, "# written by `rbd-restore dev up`\n" + text)
 
@@ -309,7 +316,7 @@ def up(root: Path, osd_bytes: int, objectstore: str = "memstore",
             _wait_for("the mgr to be available", admin.mgr_available, deadline, specs, layout)
         finally:
             admin.close()
-        _write_config(layout, info)
+        _write_config(layout, info, state)
     except BaseException:
         stop_all(specs)
         raise

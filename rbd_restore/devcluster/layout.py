@@ -71,6 +71,11 @@ class ClusterState:
     s3_secret_key: str
     bucket: str
     osd_uuid: str
+    fetcher_port: int = 0
+    fetcher_control_port: int = 0
+    fetcher_metrics_port: int = 0
+    fetcher_secret: str = ""
+    fetcher_control_token: str = ""
 
     @classmethod
     def fresh(cls, osd_bytes: int, objectstore: str) -> ClusterState:
@@ -81,9 +86,15 @@ class ClusterState:
         mon_port = free_port()
         while mon_port in outside:
             mon_port = free_port()
-        rgw_port = free_port()
-        while rgw_port in outside or rgw_port == mon_port:
-            rgw_port = free_port()
+        taken = {mon_port}
+        others = []
+        for _ in range(4):  # RGW, then the fetcher's data, control and metrics listeners
+            port = free_port()
+            while port in outside or port in taken:
+                port = free_port()
+            taken.add(port)
+            others.append(port)
+        rgw_port, fetcher_port, control_port, metrics_port = others
         return cls(
             fsid=str(uuid.uuid4()),
             mon_port=mon_port,
@@ -96,6 +107,11 @@ class ClusterState:
             s3_secret_key=secrets.token_urlsafe(30),
             bucket=BUCKET,
             osd_uuid=str(uuid.uuid4()),
+            fetcher_port=fetcher_port,
+            fetcher_control_port=control_port,
+            fetcher_metrics_port=metrics_port,
+            fetcher_secret=secrets.token_urlsafe(32),
+            fetcher_control_token=secrets.token_urlsafe(24),
         )
 
 

@@ -1,0 +1,129 @@
+"""Shared pieces of the benchmarks: the cluster they run on, timing and reports."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rbd_restore import devcluster
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results"
+REPO_ROOT = BENCH_DIR.parent
+
+
+def bench_cluster(osd_gib: int = 48) -> devcluster.ClusterInfo:
+    """A bluestore cluster (data on a sparse file) in bench/.work, reused across runs."""
+    root = Path(os.environ.get("RBD_RESTORE_BENCH_DIR", BENCH_DIR / ".work" / "cluster"))
+    return devcluster.up(root, osd_bytes=osd_gib << 30, objectstore="bluestore").info
+
+
+def timed(action: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.monotonic()
+    result = action()
+    return time.monotonic() - started, result
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def cli(cluster: devcluster.ClusterInfo, *args: str, env: dict[str, str] | None = None) -> Any:
+    full_env = {**os.environ, "RBD_RESTORE_CONFIG": str(cluster.config), **(env or {})}
+    out = subprocess.run([sys.executable, "-m", "rbd_restore.cli", *args, "--json"],
+                         capture_output=True, text=True, env=full_env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"rbd-restore {' '.join(args)}: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ceph = subprocess.run(["ceph", "--version"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / (1 << 30), 1),
+            "kernel": platform.release(), "python": platform.python_version(), "ceph": ceph}
+
+
+@dataclass
+class Row:
+    scenario: str
+    measure: str
+    value: float
+    unit: str
+    baseline: str = ""
+    baseline_value: float | None = None
+    target: str = ""
+    runs: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline_value in (None, 0):
+            return None
+        return self.value / self.baseline_value  # type: ignore[operator]
+
+
+@dataclass
+class Report:
+    name: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        print(f"  {row.scenario}: {row.measure} = {row.value:.2f} {row.unit}"
+              + (f" (ratio {row.ratio:.2f} vs {row.baseline})" if row.ratio else ""),
+              flush=True)
+        return row
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "notes": self.notes,
+                "rows": [{**row.__dict__, "ratio": row.ratio} for row in self.rows]}
+
+    def markdown(self) -> str:
+        lines = [f"### {self.name}", "",
+                 "| scenario | measure | value | baseline | ratio | target |",
+                 "|---|---|---|---|---|---|"]
+        for row in self.rows:
+            base = (f"{row.baseline}: {row.baseline_value:.2f} {row.unit}"
+                    if row.baseline_value is not None else row.baseline)
+            ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
+            lines.append(f"| {row.scenario} | {row.measure} | {row.value:.2f} {row.unit} | "
+                         f"{base} | {ratio} | {row.target} |")
+        lines += [""] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def write_reports(reports: list[Report]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    info = machine()
+    path = RESULTS / f"{stamp}.json"
+    path.write_text(json.dumps({"created": stamp, "machine": info,
+                                "reports": [r.as_json() for r in reports]}, indent=2) + "\n")
+    header = [f"# rbd-restore benchmarks, {stamp}", "",
+              f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, "
+              f"kernel {info['kernel']}, {info['ceph']}.", "",
+              "Values are medians of the runs listed in the JSON report; ratios are computed "
+              "within this run.", ""]
+    (RESULTS / "latest.md").write_text("\n".join(header) + "\n".join(r.markdown()
+                                                                    for r in reports))
+    return path

@@ -1,0 +1,166 @@
+"""The fetcher's chunk cache: verified chunks in files on local disk, LRU, bounded.
+
+A chunk enters the cache only after its SHA-256 matched; files are written to a
+temporary name and renamed, so a killed fetcher never leaves a partial chunk
+under a real name. After a restart each cached file is hashed again the first
+time it is used. However many requests want a chunk at once, it is fetched
+once (single flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+from rbd_restore.fetcher.metrics import FetcherMetrics
+from rbd_restore.repo.layout import CHUNK_ID
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[str, int], Awaitable[bytes]]
+
+
+class ChunkCache:
+    def __init__(self, directory: Path, max_bytes: int, fetch: Fetch, executor: Executor,
+                 metrics: FetcherMetrics) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.fetch = fetch
+        self.executor = executor
+        self.metrics = metrics
+        self.entries: OrderedDict[str, int] = OrderedDict()
+        self.total = 0
+        self.verified: set[str] = set()
+        self.in_flight: dict[str, asyncio.Future[bytes | None]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        found: list[tuple[float, str, int]] = []
+        for entry in os.scandir(self.directory):
+            if CHUNK_ID.match(entry.name):
+                stat = entry.stat()
+                found.append((stat.st_mtime, entry.name, stat.st_size))
+            elif entry.name.endswith(".tmp"):
+                os.unlink(entry.path)
+        for _, name, size in sorted(found):
+            self.entries[name] = size
+            self.total += size
+        self._evict(keep=None)
+        self.metrics.cache_bytes.set(self.total)
+
+    def path(self, chunk_id: str) -> Path:
+        return self.directory / chunk_id
+
+    def __contains__(self, chunk_id: str) -> bool:
+        return chunk_id in self.entries
+
+    async def read(self, chunk_id: str, chunk_length: int, offset: int, length: int) -> bytes:
+        """``length`` bytes of a verified chunk from ``offset``; zeros past its end."""
+        for _ in range(3):
+            fetched = await self._ensure(chunk_id, chunk_length)
+            if fetched is not None:
+                data = fetched[offset:offset + length]
+            else:
+                try:
+                    data = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self._pread, chunk_id, offset, length)
+                except FileNotFoundError:  # evicted between ensure and read
+                    self._forget(chunk_id)
+                    continue
+            return data + bytes(length - len(data)) if len(data) < length else data
+        raise RuntimeError(f"chunk {chunk_id} kept disappearing from the cache")
+
+    def _pread(self, chunk_id: str, offset: int, length: int) -> bytes:
+        fd = os.open(self.path(chunk_id), os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    async def _ensure(self, chunk_id: str, length: int) -> bytes | None:
+        """Make the chunk present and verified; return its bytes when they are at hand."""
+        if chunk_id in self.entries and chunk_id in self.verified:
+            self.entries.move_to_end(chunk_id)
+            self.metrics.cache_hits.inc()
+            return None
+        pending = self.in_flight.get(chunk_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self.in_flight[chunk_id] = future
+        try:
+            data = await self._load_or_fetch(chunk_id, length)
+            future.set_result(data)
+            return data
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # waiters get it; no "never retrieved" warning
+            raise
+        finally:
+            del self.in_flight[chunk_id]
+
+    async def _load_or_fetch(self, chunk_id: str, length: int) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        if chunk_id in self.entries:  # cached before a restart: hash it once
+            ok = await loop.run_in_executor(self.executor, self._file_matches, chunk_id)
+            if ok:
+                self.verified.add(chunk_id)
+                self.entries.move_to_end(chunk_id)
+                self.metrics.cache_hits.inc()
+                return None
+            log.error("cached chunk %s failed verification; fetching it again", chunk_id)
+            self.metrics.checksum_failures.inc()
+            self._forget(chunk_id)
+        self.metrics.cache_misses.inc()
+        data = await self.fetch(chunk_id, length)
+        if len(data) <= self.max_bytes:
+            await loop.run_in_executor(self.executor, self._write, chunk_id, data)
+            self.entries[chunk_id] = len(data)
+            self.total += len(data)
+            self.verified.add(chunk_id)
+            self._evict(keep=chunk_id)
+            self.metrics.cache_bytes.set(self.total)
+        return data
+
+    def _file_matches(self, chunk_id: str) -> bool:
+        digest = hashlib.sha256()
+        try:
+            with open(self.path(chunk_id), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            return False
+        return digest.hexdigest() == chunk_id
+
+    def _write(self, chunk_id: str, data: bytes) -> None:
+        tmp = self.directory / f"{chunk_id}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.path(chunk_id))
+
+    def _forget(self, chunk_id: str) -> None:
+        size = self.entries.pop(chunk_id, None)
+        if size is not None:
+            self.total -= size
+        self.verified.discard(chunk_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(chunk_id))
+
+    def _evict(self, keep: str | None) -> None:
+        while self.total > self.max_bytes and self.entries:
+            victim = next(iter(self.entries))
+            if victim == keep:
+                if len(self.entries) == 1:
+                    break
+                self.entries.move_to_end(victim)
+                continue
+            self._forget(victim)
+            self.metrics.cache_evictions.inc()

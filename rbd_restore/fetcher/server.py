@@ -1,0 +1,303 @@
+"""The fetcher daemon: data plane, control plane and metrics on three listeners.
+
+Data plane (no authentication but the signed token in the path):
+``HEAD``/``GET /v1/s/<token>/disk.qcow2``. Control plane (bearer token):
+``/v1/sessions``. Metrics: ``/metrics``. docs/fetcher-api.md is the contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from rbd_restore.config import Config, require
+from rbd_restore.errors import (
+    IntegrityError,
+    NotFoundError,
+    UnavailableError,
+    UsageError,
+    UserError,
+)
+from rbd_restore.fetcher.cache import ChunkCache
+from rbd_restore.fetcher.metrics import FetcherMetrics
+from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from rbd_restore.fetcher.sessions import SessionBook
+from rbd_restore.fetcher.source import S3ChunkSource
+from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Qcow2View, Segment
+from rbd_restore.repo.repository import Repository
+from rbd_restore.repo.store import ObjectStore
+from rbd_restore.units import parse_size
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WINDOW = 64 << 20  # a reply is assembled at most this much at a time
+IDLE_SECONDS = 24 * 3600  # librbd keeps one connection per open image: never cut it short
+CLOSED_REFRESH_SECONDS = 2.0
+VIEWS_KEPT = 32
+
+
+@dataclass(frozen=True)
+class Listeners:
+    data: str
+    control: str
+    metrics: str
+
+
+def split_hostport(text: str, what: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{what}: {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class FetcherService:
+    def __init__(self, cfg: Config, cache_dir: Path | None = None,
+                 cache_size: int | None = None, listen: str | None = None) -> None:
+        fc = cfg.fetcher
+        self.listeners = Listeners(listen or fc.listen, fc.control_listen, fc.metrics_listen)
+        for name, value in (("fetcher.listen", self.listeners.data),
+                            ("fetcher.control_listen", self.listeners.control),
+                            ("fetcher.metrics_listen", self.listeners.metrics)):
+            split_hostport(value, name)
+        self.control_token = require(fc.control_token, "fetcher.control_token").encode()
+        secret = require(fc.secret, "fetcher.secret").encode()
+        data_url = fc.public_url.rstrip("/") if fc.public_url else f"http://{self.listeners.data}"
+        self.metrics = FetcherMetrics()
+        self.executor = ThreadPoolExecutor(fc.s3_concurrency + 4, thread_name_prefix="fetcher")
+        self.repo = Repository(ObjectStore(cfg.s3, max_connections=fc.s3_concurrency + 8),
+                               cfg.s3.prefix)
+        self.source = S3ChunkSource(self.repo, self.executor, self.metrics, fc.s3_stall_seconds)
+        self.cache = ChunkCache(cache_dir or Path(fc.cache_dir),
+                                cache_size or parse_size(fc.cache_size, "fetcher.cache_size"),
+                                self.source.fetch, self.executor, self.metrics)
+        self.book = SessionBook(self.repo, secret, data_url,
+                                fc.session_max_age_days * 86400.0)
+        self.views: OrderedDict[str, Qcow2View] = OrderedDict()
+        self.view_loads: dict[str, asyncio.Task[Qcow2View]] = {}
+
+    async def blocking(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
+
+    # Views of backups
+
+    async def view(self, backup_id: str) -> Qcow2View:
+        cached = self.views.get(backup_id)
+        if cached is not None:
+            self.views.move_to_end(backup_id)
+            return cached
+        task = self.view_loads.get(backup_id)
+        if task is None:
+            task = asyncio.ensure_future(self.blocking(self._build_view, backup_id))
+            self.view_loads[backup_id] = task
+            task.add_done_callback(lambda _t: self.view_loads.pop(backup_id, None))
+        view = await asyncio.shield(task)
+        self.views[backup_id] = view
+        while len(self.views) > VIEWS_KEPT:
+            self.views.popitem(last=False)
+        return view
+
+    def _build_view(self, backup_id: str) -> Qcow2View:
+        return Qcow2View(self.repo.load_manifest(backup_id))
+
+    # Data plane
+
+    async def handle_data(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        response = await self._data(request)
+        self.metrics.requests.labels(request.method, str(response.status)).inc()
+        if request.method == "GET" and response.status in (200, 206):
+            self.metrics.read_seconds.observe(time.monotonic() - started)
+        return response
+
+    async def _data(self, request: web.Request) -> web.StreamResponse:
+        parts = request.rel_url.raw_path.split("/")
+        if len(parts) != 5 or parts[:3] != ["", "v1", "s"] or parts[4] != "disk.qcow2":
+            return _plain(404, "not found")
+        if request.method not in ("GET", "HEAD"):
+            return _plain(405, "only GET and HEAD", {"Allow": "GET, HEAD"})
+        claim = self.book.claim_of(parts[3])
+        if claim is None or self.book.is_closed_cached(claim.session_id):
+            return _plain(404, "not found")
+        try:
+            if request.method == "HEAD" and await self.blocking(
+                    self.book.is_closed_in_bucket, claim.session_id):
+                return _plain(404, "not found")
+            view = await self.view(claim.backup_id)
+        except NotFoundError:
+            return _plain(404, "not found")
+        except UserError as exc:
+            return self._failed(exc, claim.session_id)
+        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
+                   "ETag": f'"{claim.backup_id}"'}
+        if request.method == "HEAD":
+            response = web.StreamResponse(status=200, headers=headers)
+            response.content_length = view.size
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        try:
+            wanted = parse_range(request.headers.get("Range"), view.size)
+        except RangeNotSatisfiable:
+            return _plain(416, "range not satisfiable", {"Content-Range": f"bytes */{view.size}"})
+        status = 206 if wanted is not None else 200
+        wanted = wanted or ByteRange(0, view.size)
+        if status == 206:
+            headers["Content-Range"] = wanted.content_range(view.size)
+        first_end = min(wanted.end, wanted.start + WINDOW)
+        try:
+            first = await self._assemble(view, wanted.start, first_end)
+        except UserError as exc:
+            return self._failed(exc, claim.session_id)
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = wanted.length
+        await response.prepare(request)
+        await response.write(first)
+        self.metrics.bytes_served.inc(len(first))
+        position = first_end
+        while position < wanted.end:  # only whole-file or huge ranges get here
+            end = min(wanted.end, position + WINDOW)
+            block = await self._assemble(view, position, end)  # a failure drops the connection
+            await response.write(block)
+            self.metrics.bytes_served.inc(len(block))
+            position = end
+        await response.write_eof()
+        return response
+
+    async def _assemble(self, view: Qcow2View, start: int, end: int) -> bytes:
+        pieces: list[Awaitable[bytes]] = [self._segment_bytes(s) for s in
+                                          view.segments(start, end)]
+        return b"".join(await asyncio.gather(*pieces))
+
+    async def _segment_bytes(self, segment: Segment) -> bytes:
+        if isinstance(segment, MetadataBytes):
+            return segment.data
+        assert isinstance(segment, ChunkSlice)
+        return await self.cache.read(segment.chunk_id, segment.chunk_length, segment.offset,
+                                     segment.length)
+
+    def _failed(self, exc: UserError, session_id: str) -> web.Response:
+        status = 503 if isinstance(exc, UnavailableError) else 500
+        log.error("read failed", extra={"session": session_id, "status": status,
+                                        "reason": exc.message})
+        if not isinstance(exc, IntegrityError | UnavailableError):
+            log.debug("unexpected failure", exc_info=exc)
+        return _plain(status, "chunk unavailable" if status == 503 else "chunk failed "
+                      "verification or is missing")
+
+    # Control plane
+
+    @web.middleware
+    async def control_guard(self, request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "")
+        expected = b"Bearer " + self.control_token
+        if not hmac.compare_digest(given.encode(), expected):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except UserError as exc:
+            status = {UsageError: 400, NotFoundError: 404, UnavailableError: 503}.get(
+                type(exc), 404 if isinstance(exc, NotFoundError) else 500)
+            return web.json_response({"error": exc.message}, status=status)
+
+    async def create_session(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise UsageError("body must be JSON: {\"backup_id\": ...}") from None
+        backup_id = body.get("backup_id") if isinstance(body, dict) else None
+        if not isinstance(backup_id, str):
+            raise UsageError("body must be JSON: {\"backup_id\": ...}")
+        session = await self.blocking(self.book.create, backup_id)
+        log.info("session created", extra={"session": session.session_id,
+                                            "backup": backup_id})
+        await self._count_sessions()
+        return web.json_response(session.as_json(), status=201)
+
+    async def list_sessions(self, _request: web.Request) -> web.Response:
+        sessions = await self.blocking(self.book.list)
+        self.metrics.sessions_open.set(len(sessions))
+        return web.json_response({"sessions": [s.as_json() for s in sessions]})
+
+    async def close_session(self, request: web.Request) -> web.Response:
+        session_id = request.match_info["session_id"]
+        await self.blocking(self.book.close, session_id)
+        log.info("session closed", extra={"session": session_id})
+        await self._count_sessions()
+        return web.json_response({"closed": session_id})
+
+    async def _count_sessions(self) -> None:
+        self.metrics.sessions_open.set(len(await self.blocking(self.book.list)))
+
+    async def handle_metrics(self, _request: web.Request) -> web.Response:
+        self.metrics.cache_bytes.set(self.cache.total)
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # Serving
+
+    def apps(self) -> tuple[web.Application, web.Application, web.Application]:
+        data = web.Application()
+        data.router.add_route("*", "/{tail:.*}", self.handle_data)
+        control = web.Application(middlewares=[self.control_guard])
+        control.router.add_post("/v1/sessions", self.create_session)
+        control.router.add_get("/v1/sessions", self.list_sessions)
+        control.router.add_delete("/v1/sessions/{session_id}", self.close_session)
+        metrics = web.Application()
+        metrics.router.add_get("/metrics", self.handle_metrics)
+        return data, control, metrics
+
+    async def refresh_closed_forever(self) -> None:
+        while True:
+            with contextlib.suppress(UserError):
+                await self.blocking(self.book.refresh_closed)
+            await asyncio.sleep(CLOSED_REFRESH_SECONDS)
+
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        await self.blocking(self.repo.store.check_bucket)
+        await self.blocking(self.book.refresh_closed)
+        runners: list[web.AppRunner] = []
+        for app, listen in zip(self.apps(), (self.listeners.data, self.listeners.control,
+                                             self.listeners.metrics), strict=True):
+            runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS,
+                                   handle_signals=False)
+            await runner.setup()
+            host, port = split_hostport(listen, "listen")
+            try:
+                await web.TCPSite(runner, host, port, reuse_address=True).start()
+            except OSError as exc:
+                raise UnavailableError(f"cannot listen on {listen}: {exc.strerror}") from None
+            runners.append(runner)
+        refresher = asyncio.ensure_future(self.refresh_closed_forever())
+        log.info("fetcher serving", extra={"data": self.listeners.data,
+                                           "control": self.listeners.control,
+                                           "metrics": self.listeners.metrics})
+        if ready:
+            ready()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            refresher.cancel()
+            for runner in runners:
+                await runner.cleanup()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=text + "\n", headers=headers)

@@ -1,0 +1,125 @@
+"""Fetcher sessions: one signed URL per restore, closable for every replica at once.
+
+Open sessions are recorded as ``sessions/open/<id>.json`` and closed ones as
+``sessions/closed/<id>`` in the repository's bucket (docs/format.md), so a
+restarted fetcher or another replica with the same secret knows them without
+shared state of its own. Each replica refreshes its view of the closed list
+every few seconds and also asks the bucket directly when a client opens the
+file (HEAD), which librbd does first on every image open.
+
+The methods that touch the bucket block; the server calls them in its executor.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rbd_restore.errors import NotFoundError, UsageError
+from rbd_restore.fetcher import tokens
+from rbd_restore.repo.repository import Repository
+from rbd_restore.repo.store import ObjectMissing
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    backup_id: str
+    created: int
+    url: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "backup_id": self.backup_id, "url": self.url,
+                "created": dt.datetime.fromtimestamp(self.created, dt.UTC).isoformat()}
+
+
+class SessionBook:
+    """Creates, lists and closes sessions; answers whether a token may be served."""
+
+    def __init__(self, repo: Repository, secret: bytes, data_url: str,
+                 max_age_seconds: float) -> None:
+        self.repo = repo
+        self.secret = secret
+        self.data_url = data_url
+        self.max_age = max_age_seconds
+        self.closed: set[str] = set()
+
+    def _root(self) -> str:
+        return self.repo.keys.manifests_prefix.removesuffix("manifests/")
+
+    def _open_key(self, session_id: str) -> str:
+        return f"{self._root()}sessions/open/{session_id}.json"
+
+    def _closed_key(self, session_id: str) -> str:
+        return f"{self._root()}sessions/closed/{session_id}"
+
+    def url_for(self, claim: tokens.SessionClaim) -> str:
+        return f"{self.data_url}/v1/s/{tokens.sign(self.secret, claim)}/disk.qcow2"
+
+    def create(self, backup_id: str) -> Session:
+        self.repo.load_manifest(backup_id)  # unknown or damaged backups get no session
+        claim = tokens.SessionClaim(tokens.new_session_id(), backup_id, int(time.time()))
+        record = {"session_id": claim.session_id, "backup_id": backup_id,
+                  "created": claim.created}
+        self.repo.store.put(self._open_key(claim.session_id), json.dumps(record).encode())
+        return Session(claim.session_id, backup_id, claim.created, self.url_for(claim))
+
+    def list(self) -> list[Session]:
+        sessions = []
+        for info in self.repo.store.list_objects(f"{self._root()}sessions/open/"):
+            try:
+                record = json.loads(self.repo.store.get(info.key))
+                claim = tokens.SessionClaim(str(record["session_id"]), str(record["backup_id"]),
+                                            int(record["created"]))
+            except (ObjectMissing, ValueError, KeyError, TypeError):
+                continue  # closed meanwhile, or not ours
+            if time.time() - claim.created <= self.max_age:
+                sessions.append(Session(claim.session_id, claim.backup_id, claim.created,
+                                        self.url_for(claim)))
+        return sorted(sessions, key=lambda s: s.created)
+
+    def close(self, session_id: str) -> None:
+        if not tokens.SESSION_ID.match(session_id):
+            raise UsageError(f"{session_id!r:.40} is not a session id")
+        key = self._open_key(session_id)
+        if not self.repo.store.exists(key):
+            raise NotFoundError(f"session {session_id} is not open")
+        # Closed marker first: from this write on, no replica serves the URL.
+        self.repo.store.put(self._closed_key(session_id),
+                            json.dumps({"closed": int(time.time())}).encode())
+        self.closed.add(session_id)
+        self.repo.store.delete(key)
+
+    def claim_of(self, token: str) -> tokens.SessionClaim | None:
+        return tokens.verify(self.secret, token, time.time(), self.max_age)
+
+    def is_closed_cached(self, session_id: str) -> bool:
+        """From the closed list as last refreshed (no I/O: safe on the event loop)."""
+        return session_id in self.closed
+
+    def is_closed_in_bucket(self, session_id: str) -> bool:
+        """Asks the bucket directly (blocking): used when a client opens the file."""
+        if session_id in self.closed:
+            return True
+        if self.repo.store.exists(self._closed_key(session_id)):
+            self.closed.add(session_id)
+            return True
+        return False
+
+    def refresh_closed(self) -> None:
+        """Reload the closed list (blocking); prune entries whose tokens have expired anyway."""
+        prefix = f"{self._root()}sessions/closed/"
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.max_age)
+        closed, expired = set(), []
+        for info in self.repo.store.list_objects(prefix):
+            if info.last_modified < cutoff:
+                expired.append(info.key)
+            else:
+                closed.add(info.key.removeprefix(prefix))
+        if expired:
+            self.repo.store.delete_many(expired)
+        # Keep what this replica closed itself even if a listing lags behind it.
+        self.closed |= closed
