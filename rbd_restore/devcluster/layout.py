@@ -252,6 +252,8 @@ def ceph_conf_text(layout: Layout, state: ClusterState) -> str:
         f"rgw frontends = beast endpoint=127.0.0.1:{state.rgw_port}",
         f"rgw data = {layout.data_dir('rgw')}",
         "rgw enable usage log = false",
+        # Clients keep connections open; do not wait two minutes for them on shutdown.
+        "rgw exit timeout secs = 2",
         "",
     ]
     return "\n".join(lines)

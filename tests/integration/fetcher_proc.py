@@ -1,0 +1,119 @@
+"""A fetcher daemon run as a real process for tests, stopped by its own pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rbd_restore import config as config_mod
+from rbd_restore import devcluster
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@dataclass
+class FetcherProcess:
+    cluster: devcluster.ClusterInfo
+    cache_dir: Path
+    prefix: str
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        # Ports of its own, so replicas and parallel tests never collide.
+        self.env_overrides.setdefault("RBD_RESTORE_FETCHER_LISTEN",
+                                      f"127.0.0.1:{free_port()}")
+        self.env_overrides.setdefault("RBD_RESTORE_FETCHER_CONTROL_LISTEN",
+                                      f"127.0.0.1:{free_port()}")
+        self.env_overrides.setdefault("RBD_RESTORE_FETCHER_METRICS_LISTEN",
+                                      f"127.0.0.1:{free_port()}")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RBD_RESTORE_CONFIG": str(self.cluster.config),
+                "RBD_RESTORE_S3_PREFIX": self.prefix, **self.env_overrides}
+
+    @property
+    def settings(self) -> config_mod.FetcherSettings:
+        saved = dict(os.environ)
+        try:
+            os.environ.update(self.env)
+            return config_mod.load(str(self.cluster.config)).fetcher
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def start(self, timeout: float = 30) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.cache_dir.parent / f"fetcher-{time.monotonic_ns()}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve", "--cache-dir",
+                 str(self.cache_dir), "--log-level", "debug"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while b"fetcher ready" not in self.log_path.read_bytes():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fetcher exited: {self.log_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("fetcher did not become ready")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+    def control(self, method: str, path: str, body: Any = None,
+                token: str | None = None) -> tuple[int, Any]:
+        settings = self.settings
+        request = urllib.request.Request(
+            settings.control_base + path, method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {token or settings.control_token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def create_session(self, backup_id: str) -> dict[str, Any]:
+        status, body = self.control("POST", "/v1/sessions", {"backup_id": backup_id})
+        assert status == 201, body
+        result: dict[str, Any] = body
+        return result
+
+    def metrics(self) -> dict[str, float]:
+        url = f"http://{self.settings.metrics_listen}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values

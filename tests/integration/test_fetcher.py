@@ -1,0 +1,334 @@
+"""The fetcher against the real cluster and RGW, checked with qemu-img and raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import random
+import signal
+import socket
+import subprocess
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rbd
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rbd_restore import devcluster
+from rbd_restore.repo.layout import KeyLayout
+from rbd_restore.repo.repository import snapshot_name
+from tests.integration.fetcher_proc import FetcherProcess
+from tests.integration.helpers import Cli
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def backup(cluster: devcluster.ClusterInfo, rados_cluster: Any,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One backed-up image with data, holes and a repeated chunk, in a prefix of its own."""
+    prefix = f"fetcher-{uuid.uuid4().hex[:8]}/"
+    name = f"fetch-{uuid.uuid4().hex[:8]}"
+    rng = random.Random(9)
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        rbd.RBD().create(ioctx, name, 40 * MiB + 4096, old_format=False)
+        with rbd.Image(ioctx, name) as image:
+            same = rng.randbytes(4 * MiB)
+            image.write(same, 0)
+            image.write(same, 12 * MiB)
+            image.write(rng.randbytes(5 * MiB), 20 * MiB + 100)
+            image.write(rng.randbytes(4096), 40 * MiB)
+        cli = Cli(cluster, prefix, {})
+        result = cli.json("backup", f"volumes/{name}")
+        yield {"backup_id": result["backup_id"], "image": name, "prefix": prefix, "cli": cli,
+               "snap": f"volumes/{name}@{snapshot_name(result['backup_id'])}",
+               "tmp": tmp_path_factory.mktemp("fetcher")}
+        with rbd.Image(ioctx, name) as image:
+            for snap in list(image.list_snaps()):
+                image.remove_snap(snap["name"])
+        rbd.RBD().remove(ioctx, name)
+
+
+@pytest.fixture
+def fetcher(cluster: devcluster.ClusterInfo, backup: dict[str, Any],
+            tmp_path: Path) -> Iterator[FetcherProcess]:
+    proc = FetcherProcess(cluster, tmp_path / "cache", backup["prefix"])
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def split(url: str) -> tuple[str, int, str]:
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname and parts.port
+    return parts.hostname, parts.port, parts.path
+
+
+def request(url: str, method: str = "GET", headers: dict[str, str] | None = None,
+            path: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    host, port, default_path = split(url)
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        conn.request(method, path if path is not None else default_path, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+    finally:
+        conn.close()
+
+
+class Reference(tuple[str, bytes]):
+    """A session URL and the whole virtual file; a short repr keeps reports readable."""
+
+    def __repr__(self) -> str:
+        return f"Reference({self[0][:40]}..., {len(self[1])} bytes)"
+
+
+@pytest.fixture
+def reference(fetcher: FetcherProcess, backup: dict[str, Any]) -> Reference:
+    """A session URL and the whole virtual file, downloaded once."""
+    url = fetcher.create_session(backup["backup_id"])["url"]
+    status, headers, body = request(url)
+    assert status == 200 and int(headers["content-length"]) == len(body)
+    return Reference((url, body))
+
+
+def test_qemu_img_sees_a_clean_qcow2_identical_to_the_snapshot(
+        cluster: devcluster.ClusterInfo, fetcher: FetcherProcess,
+        backup: dict[str, Any]) -> None:
+    url = fetcher.create_session(backup["backup_id"])["url"]
+    info = subprocess.run(["qemu-img", "info", "--output=json", url], capture_output=True,
+                          text=True, check=True).stdout
+    assert '"format": "qcow2"' in info and f'"virtual-size": {40 * MiB + 4096}' in info
+    check = subprocess.run(["qemu-img", "check", url], capture_output=True, text=True,
+                           check=False)
+    assert check.returncode == 0 and "No errors were found" in check.stdout
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", url,
+         f"rbd:{backup['snap']}:conf={cluster.ceph_conf}"],
+        capture_output=True, text=True, check=False)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert "Images are identical" in compare.stdout
+
+
+def test_head_and_range_semantics(reference: tuple[str, bytes]) -> None:
+    url, whole = reference
+    status, headers, body = request(url, "HEAD")
+    assert status == 200 and body == b""
+    assert headers["content-length"] == str(len(whole))
+    assert headers["accept-ranges"] == "bytes"
+    status, headers, body = request(url, headers={"Range": "bytes=100-199"})
+    assert status == 206 and body == whole[100:200]
+    assert headers["content-range"] == f"bytes 100-199/{len(whole)}"
+    status, _, body = request(url, headers={"Range": f"bytes={len(whole) - 10}-"})
+    assert status == 206 and body == whole[-10:]
+    status, headers, _ = request(url, headers={"Range": f"bytes={len(whole)}-"})
+    assert status == 416 and headers["content-range"] == f"bytes */{len(whole)}"
+    assert request(url, "DELETE")[0] == 405
+    assert request(url, path="/metrics")[0] == 404
+
+
+def test_pipelined_requests_are_answered_in_order(reference: tuple[str, bytes]) -> None:
+    url, whole = reference
+    host, port, path = split(url)
+    ranges = [(0, 511), (3 * MiB, 7 * MiB - 1), (100, 100), (len(whole) - 4096, len(whole) - 1)]
+    raw = b"".join(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nRange: bytes={a}-{b}\r\n\r\n".encode()
+                   for a, b in ranges)
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(raw)  # all at once, before reading any reply
+        stream = sock.makefile("rb")
+        for a, b in ranges:
+            assert stream.readline().startswith(b"HTTP/1.1 206")
+            length = 0
+            while (line := stream.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert stream.read(length) == whole[a:b + 1]
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "OPTIONS", "get"]),
+       range_header=st.one_of(
+           st.none(), st.text(max_size=30),
+           st.builds(lambda a, b: f"bytes={a}-{b}", st.integers(-5, 2 << 30),
+                     st.one_of(st.just(""), st.integers(-5, 2 << 30))),
+           st.builds(lambda n: f"bytes=-{n}", st.integers(0, 2 << 30))),
+       mangle=st.sampled_from(["none", "token", "path", "prefix", "suffix"]))
+def test_bad_requests_never_500_nor_bytes_outside_the_file(
+        reference: tuple[str, bytes], method: str, range_header: str | None,
+        mangle: str) -> None:
+    url, whole = reference
+    host, port, path = split(url)
+    token = path.split("/")[3]
+    path = {"none": path, "token": path.replace(token, token[::-1]),
+            "path": path.replace("disk.qcow2", "disk.raw"), "prefix": "/v1/" + path,
+            "suffix": path + "/x"}[mangle]
+    headers = {}
+    if range_header is not None and range_header.isprintable() and range_header.isascii():
+        headers["Range"] = range_header
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        conn.request(method, path, headers=headers)
+        reply = conn.getresponse()
+        status, body = reply.status, reply.read()
+    finally:
+        conn.close()
+    assert status < 500
+    if mangle != "none":
+        assert status in (400, 404, 405) and whole[:64] not in body
+    if status == 206:
+        first, last = reply.getheader("Content-Range", "").split(" ")[1].split("/")[0].split("-")
+        assert body == whole[int(first):int(last) + 1]
+    if status == 200 and method == "GET":
+        assert body == whole
+
+
+def test_corrupted_chunk_is_never_served(cluster: devcluster.ClusterInfo,
+                                         fetcher: FetcherProcess, backup: dict[str, Any],
+                                         s3_client: Any, rados_cluster: Any) -> None:
+    name = f"corrupt-{uuid.uuid4().hex[:8]}"
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        rbd.RBD().create(ioctx, name, 8 * MiB, old_format=False)
+        try:
+            with rbd.Image(ioctx, name) as image:
+                image.write(random.Random(1).randbytes(8 * MiB), 0)
+            cli = backup["cli"]
+            backup_id = cli.json("backup", f"volumes/{name}")["backup_id"]
+            second = cli.json("backups", "show", backup_id)
+            assert second["chunks_allocated"] == 2
+        finally:
+            with rbd.Image(ioctx, name) as image:
+                for snap in list(image.list_snaps()):
+                    image.remove_snap(snap["name"])
+            rbd.RBD().remove(ioctx, name)
+    keys = KeyLayout(backup["prefix"])
+    import json as _json
+    manifest = _json.loads(s3_client.get_object(Bucket=cluster.bucket,
+                                                Key=keys.manifest(backup_id))["Body"].read())
+    victim = manifest["chunks"][1]
+    s3_client.put_object(Bucket=cluster.bucket, Key=keys.chunk(victim),
+                         Body=zstandard.ZstdCompressor().compress(b"\x00evil" * 1000))
+    url = fetcher.create_session(backup_id)["url"]
+    status, headers, _ = request(url, "HEAD")
+    size = int(headers["content-length"])
+    # The last 4 MiB of the file are the second chunk's data clusters.
+    status, _, body = request(url, headers={"Range": f"bytes={size - 4 * MiB}-{size - 1}"})
+    assert status == 500 and b"evil" not in body
+    status, _, body = request(url, headers={"Range": f"bytes={size - 8 * MiB}-"
+                                                     f"{size - 4 * MiB - 1}"})
+    assert status == 206 and len(body) == 4 * MiB  # the intact chunk still serves
+    assert fetcher.metrics()["rbd_restore_fetcher_checksum_failures_total"] >= 1
+    assert victim in fetcher.logs()
+
+
+def test_closed_session_is_404_everywhere_and_for_good(
+        cluster: devcluster.ClusterInfo, fetcher: FetcherProcess, backup: dict[str, Any],
+        tmp_path: Path) -> None:
+    session = fetcher.create_session(backup["backup_id"])
+    other = fetcher.create_session(backup["backup_id"])
+    replica = FetcherProcess(cluster, tmp_path / "replica-cache", backup["prefix"])
+    replica.start()
+    try:
+        replica_url = session["url"].replace(fetcher.settings.listen, replica.settings.listen)
+        assert request(replica_url, "HEAD")[0] == 200  # no shared state needed
+        listed = {s["session_id"] for s in replica.control("GET", "/v1/sessions")[1]["sessions"]}
+        assert {session["session_id"], other["session_id"]} <= listed
+
+        status, _ = fetcher.control("DELETE", f"/v1/sessions/{session['session_id']}")
+        assert status == 200
+        assert request(session["url"], "HEAD")[0] == 404
+        assert request(session["url"], headers={"Range": "bytes=0-9"})[0] == 404
+        assert request(replica_url, "HEAD")[0] == 404  # HEAD asks the bucket
+        assert request(other["url"], "HEAD")[0] == 200
+        fetcher.stop()
+        fetcher.start()
+        assert request(session["url"], headers={"Range": "bytes=0-9"})[0] == 404
+        assert request(other["url"], headers={"Range": "bytes=0-9"})[0] == 206
+        assert fetcher.control("DELETE", f"/v1/sessions/{session['session_id']}")[0] == 404
+    finally:
+        replica.stop()
+
+
+def test_control_plane_needs_the_bearer_token(fetcher: FetcherProcess,
+                                              backup: dict[str, Any]) -> None:
+    status, body = fetcher.control("GET", "/v1/sessions", token="wrong")
+    assert status == 401 and "bearer" in body["error"]
+    status, body = fetcher.control("POST", "/v1/sessions",
+                                   {"backup_id": "20200101T000000Z-00000000"})
+    assert status == 404
+    status, body = fetcher.control("POST", "/v1/sessions", {"backup_id": "x"})
+    assert status == 400
+
+
+def test_cli_sessions_and_errors(fetcher: FetcherProcess, backup: dict[str, Any]) -> None:
+    cli = Cli(backup["cli"].cluster, backup["prefix"], fetcher.env_overrides)
+    created = cli.json("fetcher", "session", "create", backup["backup_id"])
+    assert created["url"].endswith("/disk.qcow2") and created["session_id"]
+    assert fetcher.settings.secret not in created["url"]
+    listed = cli.json("fetcher", "session", "list")["sessions"]
+    assert created["session_id"] in {s["session_id"] for s in listed}
+    assert cli.run("fetcher", "session", "close", created["session_id"]).returncode == 0
+    assert "not open" in cli.fails("fetcher", "session", "close", created["session_id"])
+    assert "does not exist" in cli.fails("fetcher", "session", "create",
+                                         "20200101T000000Z-00000000")
+    down = {"RBD_RESTORE_FETCHER_CONTROL_LISTEN": "127.0.0.1:9"}
+    assert "unreachable" in cli.fails("fetcher", "session", "list", env=down)
+    logs = fetcher.logs()
+    assert fetcher.settings.secret not in logs
+    assert cli.cluster.s3_secret_key not in logs
+
+
+def test_cache_survives_restart_and_sigkill_keeps_bytes_correct(
+        fetcher: FetcherProcess, reference: tuple[str, bytes]) -> None:
+    url, whole = reference
+    host, port, path = split(url)
+    stop = threading.Event()
+    results = {"reads": 0, "errors": 0, "wrong": 0}
+
+    def reader() -> None:
+        rng = random.Random(7)
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        while not stop.is_set() or results["reads"] < 50:
+            start = rng.randrange(len(whole) - 1)
+            end = min(len(whole), start + rng.randint(1, 6 * MiB))
+            try:
+                conn.request("GET", path, headers={"Range": f"bytes={start}-{end - 1}"})
+                reply = conn.getresponse()
+                body = reply.read()
+            except (OSError, http.client.HTTPException):
+                results["errors"] += 1
+                conn.close()
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+                continue
+            if reply.status != 206 or body != whole[start:end]:
+                results["wrong"] += 1
+            results["reads"] += 1
+            if results["reads"] > 2000:
+                break
+        conn.close()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(2):
+            reads_before = results["reads"]
+            while results["reads"] < reads_before + 10 and thread.is_alive():
+                thread.join(0.05)
+            fetcher.stop(signal.SIGKILL)
+            fetcher.start()
+    finally:
+        stop.set()
+        thread.join(120)
+    assert results["wrong"] == 0
+    assert results["reads"] >= 50 and results["errors"] >= 1
+    # Everything was cached before the kills: the new process answers without S3.
+    assert fetcher.metrics().get("rbd_restore_fetcher_s3_gets_total", 0) == 0
+    assert fetcher.metrics()["rbd_restore_fetcher_cache_hits_total"] > 0
