@@ -40,7 +40,7 @@ def backup(
                                        "not only what changed since the last backup.")] = False,
     chunk_size: Annotated[str, typer.Option("--chunk-size", help="Power of two, 64K to 32M.")]
     = f"{DEFAULT_CHUNK_SIZE >> 20}M",
-    workers: WorkersOption = 8,
+    workers: WorkersOption = 16,
     as_json: JsonOption = False,
 ) -> None:
     """Snapshot POOL/IMAGE and store it in the bucket (incremental when possible)."""
@@ -68,7 +68,7 @@ def restore(
     image: Annotated[str, typer.Argument(help="POOL/IMAGE to create.")],
     mode: Annotated[str, typer.Option("--mode", help="full: copy everything, then done.")]
     = "full",
-    workers: WorkersOption = 8,
+    workers: WorkersOption = 16,
     as_json: JsonOption = False,
 ) -> None:
     """Restore a backup into a new image (never overwrites an existing one)."""
