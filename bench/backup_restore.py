@@ -19,6 +19,7 @@ from typing import Any
 from bench.common import Report, Row, bench_cluster, cli, median, timed
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
+from rbd_restore.ceph import remove_image
 from rbd_restore.repo.store import make_client
 
 MiB = 1 << 20
@@ -42,18 +43,6 @@ def _fill(ioctx: Any, name: str, size: int, extents: list[int], pool: bytes) -> 
     rbd.RBD().create(ioctx, name, size, old_format=False)
     with rbd.Image(ioctx, name) as image, ThreadPoolExecutor(WORKERS) as ex:
         list(ex.map(lambda i: image.write(_extent(pool, i), i * CHUNK), extents))
-
-
-def _remove(ioctx: Any, name: str) -> None:
-    import rbd
-
-    try:
-        with rbd.Image(ioctx, name) as image:
-            for snap in list(image.list_snaps()):
-                image.remove_snap(snap["name"])
-        rbd.RBD().remove(ioctx, name)
-    except rbd.ImageNotFound:
-        pass
 
 
 def _delete_prefix(s3: Any, bucket: str, prefix: str) -> None:
@@ -107,7 +96,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
             secs, _ = timed(lambda env=env, target=target, result=result: cli(
                 cluster, "restore", result["backup_id"], f"volumes/{target}", env=env))
             samples["restore"].append(data_bytes / secs / MiB)
-            _remove(ioctx, target)
+            remove_image(ioctx, target)
 
             keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
                 Bucket=cluster.bucket, Prefix=f"{prefix}chunks/") for o in page.get("Contents", [])]
@@ -128,7 +117,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                     ["rbd", "-c", str(cluster.ceph_conf), "import", raw,
                      f"volumes/{imported}"], check=True, capture_output=True))
                 samples["import"].append(data_bytes / secs / MiB)
-                _remove(ioctx, imported)
+                remove_image(ioctx, imported)
             _delete_prefix(s3, cluster.bucket, prefix)
         backup_limit = min(median(samples["export"]), median(samples["put"]))
         report.add(Row("backup --full", "throughput", median(samples["backup"]), "MiB/s",
@@ -142,13 +131,19 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
         report.add(Row("restore --mode full", "throughput", median(samples["restore"]), "MiB/s",
                        "min(parallel GET, rbd import)", restore_limit, ">= 0.8x",
                        samples["restore"]))
+        # A restore must both download and write; on a machine whose cores also run the
+        # OSD and RGW, those costs add up. This row is that combined limit.
+        combined = 1 / (1 / median(samples["get"]) + 1 / median(samples["import"]))
+        report.add(Row("restore --mode full vs GET and import done one after the other",
+                       "throughput", median(samples["restore"]), "MiB/s",
+                       "1 / (1/GET + 1/import)", combined, "", samples["restore"]))
         report.add(Row(f"parallel boto3 GET of the chunks ({WORKERS} threads)", "throughput",
                        median(samples["get"]), "MiB/s", runs=samples["get"]))
         report.add(Row("rbd import of the raw data", "throughput", median(samples["import"]),
                        "MiB/s", runs=samples["import"]))
         _unchanged_backup(cluster, ioctx, pool, report, runs)
     finally:
-        _remove(ioctx, src)
+        remove_image(ioctx, src)
         ioctx.close()
         handle.shutdown()
     report.notes.append("Throughput is the image's 2 GiB of data divided by wall time "
@@ -175,6 +170,6 @@ def _unchanged_backup(cluster: devcluster.ClusterInfo, ioctx: Any, pool: bytes,
         report.add(Row("second backup, unchanged 20 GiB image", "wall time", median(seconds),
                        "s", target="< 5 s, reads 0 bytes", runs=seconds))
     finally:
-        _remove(ioctx, name)
+        remove_image(ioctx, name)
         cfg = config_mod.load(str(cluster.config))
         _delete_prefix(make_client(cfg.s3), cluster.bucket, prefix)

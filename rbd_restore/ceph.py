@@ -106,3 +106,19 @@ def image_exists(ioctx: Any, name: str) -> bool:
     except rbd.ImageNotFound:
         return False
     return True
+
+
+def remove_image(ioctx: Any, name: str) -> bool:
+    """Remove an image and its snapshots; False when it did not exist."""
+    import rbd
+
+    try:
+        with rbd.Image(ioctx, name) as image:
+            for snap in list(image.list_snaps()):
+                if image.is_protected_snap(snap["name"]):
+                    image.unprotect_snap(snap["name"])
+                image.remove_snap(snap["name"])
+        rbd.RBD().remove(ioctx, name)
+    except rbd.ImageNotFound:
+        return False
+    return True

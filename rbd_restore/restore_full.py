@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rbd_restore.ceph import Cluster, ImageRef, image_exists, open_image
+from rbd_restore.ceph import Cluster, ImageRef, image_exists, open_image, remove_image
 from rbd_restore.errors import AlreadyExistsError, UserError
 from rbd_restore.parallel import run_bounded
 from rbd_restore.repo.manifest import Manifest
@@ -53,8 +53,7 @@ def restore_full(cluster: Cluster, repo: Repository, backup_id: str, ref: ImageR
         if image_exists(ioctx, ref.name):
             raise AlreadyExistsError(f"image {ref} already exists; restore never overwrites")
         staging = ImageRef(ref.pool, partial_name(ref.name, backup_id))
-        if image_exists(ioctx, staging.name):  # left by an earlier, interrupted restore
-            rbd.RBD().remove(ioctx, staging.name)
+        remove_image(ioctx, staging.name)  # left by an earlier, interrupted restore
         rbd.RBD().create(ioctx, staging.name, manifest.image_size, old_format=False)
         try:
             with open_image(ioctx, staging) as image:
@@ -63,21 +62,9 @@ def restore_full(cluster: Cluster, repo: Repository, backup_id: str, ref: ImageR
                 image.create_snap(snapshot_name(backup_id))
             rbd.RBD().rename(ioctx, staging.name, ref.name)
         except BaseException:
-            _remove_quietly(ioctx, staging.name)
+            remove_image(ioctx, staging.name)
             raise
     return RestoreResult(backup_id, ref, written, fetched, time.monotonic() - started)
-
-
-def _remove_quietly(ioctx: Any, name: str) -> None:
-    import rbd
-
-    try:
-        with rbd.Image(ioctx, name) as image:
-            for snap in list(image.list_snaps()):
-                image.remove_snap(snap["name"])
-        rbd.RBD().remove(ioctx, name)
-    except rbd.ImageNotFound:
-        pass
 
 
 def _write_chunks(repo: Repository, manifest: Manifest, image: Any, workers: int,

@@ -11,6 +11,14 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 now() { date +%s%3N; }
 took() { local ms=$(($(now) - $1)); printf '   (%d.%01d s)\n' $((ms / 1000)) $((ms % 1000 / 100)); }
 
+# The newest backup of the demo image and the digest of its snapshot.
+newest_backup() {
+  BACKUP=$("$RR" backups list --image "volumes/$IMG" --json | "$BIN/python" -c \
+    'import json, sys; print(json.load(sys.stdin)["backups"][-1]["backup_id"])')
+  SUM=$(rbd -c "$CONF" export "volumes/$IMG@rbd-restore.$BACKUP" - 2>/dev/null | sha256sum |
+    cut -c1-16)
+}
+
 step "Embedded cluster in $DEMO_DIR: mon, mgr, memstore OSD, RGW (S3) on 127.0.0.1"
 t=$(now)
 "$RR" dev up --dir "$DEMO_DIR/cluster"
@@ -32,9 +40,7 @@ step "Back it up to S3: snapshot, changed extents only, deduplicated zstd chunks
 t=$(now)
 "$RR" backup "volumes/$IMG"
 took "$t"
-BACKUP=$("$RR" backups list --image "volumes/$IMG" --json | "$BIN/python" -c \
-  'import json, sys; print(json.load(sys.stdin)["backups"][-1]["backup_id"])')
-SUM=$(rbd -c "$CONF" export "volumes/$IMG@rbd-restore.$BACKUP" - 2>/dev/null | sha256sum | cut -c1-16)
+newest_backup
 echo "   content sha256 $SUM..."
 
 step "Write 8 MiB more, back up again: incremental, only the changed chunks travel"
@@ -43,9 +49,7 @@ rbd -c "$CONF" bench --io-type write --io-size 4M --io-total 8M --io-pattern ran
 t=$(now)
 "$RR" backup "volumes/$IMG"
 took "$t"
-BACKUP=$("$RR" backups list --image "volumes/$IMG" --json | "$BIN/python" -c \
-  'import json, sys; print(json.load(sys.stdin)["backups"][-1]["backup_id"])')
-SUM=$(rbd -c "$CONF" export "volumes/$IMG@rbd-restore.$BACKUP" - 2>/dev/null | sha256sum | cut -c1-16)
+newest_backup
 "$RR" backups verify "$BACKUP" --deep
 
 step "Disaster: the volume is deleted"
@@ -61,6 +65,22 @@ GOT=$(rbd -c "$CONF" export "volumes/$IMG" - 2>/dev/null | sha256sum | cut -c1-1
 echo "   restored sha256 $GOT... (backup $SUM...)"
 [ "$GOT" = "$SUM" ] && echo "   identical" || { echo "   MISMATCH"; exit 1; }
 rbd -c "$CONF" du "volumes/$IMG"
+
+step "The fetcher serves the backup as a qcow2 file over HTTP (verified chunks, cached)"
+"$RR" fetcher serve --log-level warning 2>"$DEMO_DIR/fetcher.log" &
+FETCHER_PID=$!
+trap 'kill "$FETCHER_PID" 2>/dev/null || true' EXIT
+until grep -q "fetcher ready" "$DEMO_DIR/fetcher.log" 2>/dev/null; do
+  kill -0 "$FETCHER_PID" 2>/dev/null || { cat "$DEMO_DIR/fetcher.log"; exit 1; }
+  sleep 0.1
+done
+URL=$("$RR" fetcher session create "$BACKUP" --json | "$BIN/python" -c \
+  'import json, sys; print(json.load(sys.stdin)["url"])')
+echo "   session URL: ${URL:0:60}..."
+qemu-img info "$URL" | sed -n '2,5p;/cluster_size/p' | sed 's/^/   /'
+t=$(now)
+qemu-img compare -f qcow2 -F raw "$URL" "rbd:volumes/$IMG:conf=$CONF" | sed 's/^/   /'
+took "$t"
 
 step "Done. The cluster keeps running for you:"
 echo "   export RBD_RESTORE_CONFIG=$RBD_RESTORE_CONFIG"

@@ -47,6 +47,7 @@ WINDOW = 64 << 20  # a reply is assembled at most this much at a time
 IDLE_SECONDS = 24 * 3600  # librbd keeps one connection per open image: never cut it short
 CLOSED_REFRESH_SECONDS = 2.0
 VIEWS_KEPT = 32
+READAHEAD_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ class FetcherService:
                                 fc.session_max_age_days * 86400.0)
         self.views: OrderedDict[str, Qcow2View] = OrderedDict()
         self.view_loads: dict[str, asyncio.Task[Qcow2View]] = {}
+        # Read-ahead leaves a quarter of the S3 concurrency to demand reads.
+        self.readahead_slots = asyncio.Semaphore(max(1, fc.s3_concurrency * 3 // 4))
+        self.readahead_tasks: set[asyncio.Task[None]] = set()
+        self.last_unique: dict[str, int] = {}
 
     async def blocking(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
@@ -157,6 +162,7 @@ class FetcherService:
         if status == 206:
             headers["Content-Range"] = wanted.content_range(view.size)
         first_end = min(wanted.end, wanted.start + WINDOW)
+        self._read_ahead(claim.session_id, view, wanted)
         try:
             first = await self._assemble(view, wanted.start, first_end)
         except UserError as exc:
@@ -187,6 +193,38 @@ class FetcherService:
         assert isinstance(segment, ChunkSlice)
         return await self.cache.read(segment.chunk_id, segment.chunk_length, segment.offset,
                                      segment.length)
+
+    def _read_ahead(self, session_id: str, view: Qcow2View, wanted: ByteRange) -> None:
+        """On reads that walk the data clusters in order, stage the next chunks.
+
+        librbd pipelines its reads on one connection and they are answered one by
+        one, so without this a sequential reader (the relocation) would wait for
+        one S3 round trip per chunk.
+        """
+        touched = [s.unique for s in view.segments(wanted.start, min(wanted.end,
+                   wanted.start + view.cluster_size)) if isinstance(s, ChunkSlice)]
+        if not touched:
+            return
+        current = touched[-1]
+        previous = self.last_unique.get(session_id)
+        self.last_unique[session_id] = current
+        if previous is None or not 0 <= current - previous <= 1:
+            return
+        for unique in range(current + 1, min(current + 1 + READAHEAD_CHUNKS,
+                                             len(view.unique_ids))):
+            cid = view.unique_ids[unique]
+            if cid in self.cache or cid in self.cache.in_flight:
+                continue
+            task = asyncio.ensure_future(self._stage(cid, view.unique_lengths[unique]))
+            self.readahead_tasks.add(task)
+            task.add_done_callback(self.readahead_tasks.discard)
+
+    async def _stage(self, chunk_id: str, length: int) -> None:
+        async with self.readahead_slots:
+            try:
+                await self.cache.read(chunk_id, length, 0, 0)
+            except UserError as exc:  # the demand read will meet and report it
+                log.info("read-ahead failed", extra={"chunk": chunk_id, "reason": exc.message})
 
     def _failed(self, exc: UserError, session_id: str) -> web.Response:
         status = 503 if isinstance(exc, UnavailableError) else 500

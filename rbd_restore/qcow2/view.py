@@ -43,6 +43,7 @@ class ChunkSlice:
     chunk_length: int
     offset: int
     length: int
+    unique: int  # position of the chunk's data clusters in the file, 0 = first
 
 
 Segment = MetadataBytes | ChunkSlice
@@ -233,7 +234,7 @@ class Qcow2View:
             run_end = (self.unique_clusters[unique] * self.cluster_size) - chunk_offset
             take = min(end - position, run_end)
             yield ChunkSlice(self.unique_ids[unique], self.unique_lengths[unique], chunk_offset,
-                             take)
+                             take, unique)
             position += take
 
     def _unique_at(self, data_cluster: int) -> tuple[int, int]:

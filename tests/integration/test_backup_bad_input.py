@@ -10,6 +10,7 @@ import pytest
 import rbd
 
 from rbd_restore import devcluster
+from rbd_restore.ceph import remove_image
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.repository import new_backup_id
 from tests.integration.helpers import Cli
@@ -27,10 +28,7 @@ def image(rados_cluster: Any, unique_name: str) -> Any:
         with rbd.Image(ioctx, unique_name) as img:
             img.write(b"x" * 65536, 0)
         yield f"volumes/{unique_name}"
-        with rbd.Image(ioctx, unique_name) as img:
-            for snap in list(img.list_snaps()):
-                img.remove_snap(snap["name"])
-        rbd.RBD().remove(ioctx, unique_name)
+        remove_image(ioctx, unique_name)
 
 
 def closed_port() -> int:

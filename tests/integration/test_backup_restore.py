@@ -12,6 +12,7 @@ import rbd
 import zstandard
 
 from rbd_restore import devcluster
+from rbd_restore.ceph import remove_image
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.repository import snapshot_name
 from tests.integration.helpers import Cli, du_used, export_digest, scatter_random_data
@@ -36,13 +37,7 @@ def images(ioctx: Any) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        try:
-            with rbd.Image(ioctx, name) as image:
-                for snap in list(image.list_snaps()):
-                    image.remove_snap(snap["name"])
-            rbd.RBD().remove(ioctx, name)
-        except rbd.ImageNotFound:
-            pass
+        remove_image(ioctx, name)
 
 
 def new_image(ioctx: Any, images: list[str], size: int) -> str:

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rbd_restore import devcluster
+from rbd_restore.ceph import remove_image
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.repository import snapshot_name
 from tests.integration.fetcher_proc import FetcherProcess
@@ -49,10 +50,7 @@ def backup(cluster: devcluster.ClusterInfo, rados_cluster: Any,
         yield {"backup_id": result["backup_id"], "image": name, "prefix": prefix, "cli": cli,
                "snap": f"volumes/{name}@{snapshot_name(result['backup_id'])}",
                "tmp": tmp_path_factory.mktemp("fetcher")}
-        with rbd.Image(ioctx, name) as image:
-            for snap in list(image.list_snaps()):
-                image.remove_snap(snap["name"])
-        rbd.RBD().remove(ioctx, name)
+        remove_image(ioctx, name)
 
 
 @pytest.fixture
@@ -205,10 +203,7 @@ def test_corrupted_chunk_is_never_served(cluster: devcluster.ClusterInfo,
             second = cli.json("backups", "show", backup_id)
             assert second["chunks_allocated"] == 2
         finally:
-            with rbd.Image(ioctx, name) as image:
-                for snap in list(image.list_snaps()):
-                    image.remove_snap(snap["name"])
-            rbd.RBD().remove(ioctx, name)
+            remove_image(ioctx, name)
     keys = KeyLayout(backup["prefix"])
     import json as _json
     manifest = _json.loads(s3_client.get_object(Bucket=cluster.bucket,

@@ -1,0 +1,216 @@
+"""Fetcher throughput and latency against parallel boto3 GETs of the same chunks.
+
+Cold: sequential 4 MiB range reads over one keep-alive connection through an
+empty cache. Warm: the same reads again. Then 4 KiB random reads from the warm
+cache (p99), and the fetcher's RSS while serving a 100 GiB backup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.backup_restore import CHUNK, WORKERS, _delete_prefix, _extent, _pool_bytes
+from bench.common import Report, Row, bench_cluster, cli, median, timed
+from rbd_restore import config as config_mod
+from rbd_restore import devcluster
+from rbd_restore.ceph import remove_image
+from rbd_restore.repo.manifest import Manifest
+from rbd_restore.repo.repository import Repository, new_backup_id
+from rbd_restore.repo.store import ObjectStore, make_client
+
+MiB = 1 << 20
+GET_THREADS = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class Fetcher:
+    def __init__(self, cluster: devcluster.ClusterInfo, prefix: str, cache: Path) -> None:
+        self.env = {**os.environ, "RBD_RESTORE_CONFIG": str(cluster.config),
+                    "RBD_RESTORE_S3_PREFIX": prefix,
+                    "RBD_RESTORE_FETCHER_LISTEN": f"127.0.0.1:{_free_port()}",
+                    "RBD_RESTORE_FETCHER_CONTROL_LISTEN": f"127.0.0.1:{_free_port()}",
+                    "RBD_RESTORE_FETCHER_METRICS_LISTEN": f"127.0.0.1:{_free_port()}"}
+        self.log = cache.parent / f"{cache.name}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve", "--cache-dir",
+                 str(cache), "--cache-size", "8G", "--log-level", "warning"],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        while b"fetcher ready" not in self.log.read_bytes():
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.log.read_text()[-1000:])
+            time.sleep(0.05)
+        saved = dict(os.environ)
+        os.environ.update(self.env)
+        self.settings = config_mod.load(str(cluster.config)).fetcher
+        os.environ.clear()
+        os.environ.update(saved)
+
+    def session(self, backup_id: str) -> str:
+        request = urllib.request.Request(
+            self.settings.control_base + "/v1/sessions", method="POST",
+            data=json.dumps({"backup_id": backup_id}).encode(),
+            headers={"Authorization": f"Bearer {self.settings.control_token}"})
+        with urllib.request.urlopen(request) as reply:
+            return str(json.loads(reply.read())["url"])
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def _reads(url: str, ranges: list[tuple[int, int]]) -> list[float]:
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    latencies = []
+    for start, end in ranges:
+        began = time.perf_counter()
+        conn.request("GET", parts.path, headers={"Range": f"bytes={start}-{end - 1}"})
+        reply = conn.getresponse()
+        body = reply.read()
+        if reply.status != 206 or len(body) != end - start:
+            raise RuntimeError(f"bad reply {reply.status} for {start}-{end}")
+        latencies.append(time.perf_counter() - began)
+    conn.close()
+    return latencies
+
+
+def _file_size(url: str) -> int:
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port)
+    conn.request("HEAD", parts.path)
+    size = int(conn.getresponse().getheader("Content-Length") or 0)
+    conn.close()
+    return size
+
+
+def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
+        data_gib: int = 1) -> Report:
+    import rados
+    import rbd
+
+    cluster = cluster or bench_cluster()
+    cfg = config_mod.load(str(cluster.config))
+    s3 = make_client(cfg.s3, max_connections=GET_THREADS * 2)
+    report = Report(f"Fetcher ({data_gib} GiB of data, 4 MiB chunks)")
+    prefix = f"bench-fetch-{uuid.uuid4().hex[:8]}/"
+    handle = rados.Rados(conffile=str(cluster.ceph_conf), rados_id="admin",
+                         conf={"keyring": str(cluster.keyring)})
+    handle.connect()
+    ioctx = handle.open_ioctx("volumes")
+    name = f"bench-fetch-{uuid.uuid4().hex[:8]}"
+    count = data_gib * 256
+    pool = _pool_bytes()
+    samples: dict[str, list[float]] = {"cold": [], "get": [], "warm": [], "p99": [], "rss": []}
+    workdir = Path(tempfile.mkdtemp(dir=str(cluster.dir)))
+    try:
+        rbd.RBD().create(ioctx, name, count * CHUNK, old_format=False)
+        with rbd.Image(ioctx, name) as image, ThreadPoolExecutor(WORKERS) as ex:
+            list(ex.map(lambda i: image.write(_extent(pool, i), i * CHUNK), range(count)))
+        backup_id = cli(cluster, "backup", f"volumes/{name}",
+                        env={"RBD_RESTORE_S3_PREFIX": prefix})["backup_id"]
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=cluster.bucket, Prefix=f"{prefix}chunks/") for o in page.get("Contents", [])]
+        data_bytes = count * CHUNK
+        for run_no in range(runs):
+            fetcher = Fetcher(cluster, prefix, workdir / f"cache-{run_no}")
+            try:
+                url = fetcher.session(backup_id)
+                size = _file_size(url)
+                first_data = size - data_bytes
+                ranges = [(o, o + CHUNK) for o in range(first_data, size, CHUNK)]
+                secs, _ = timed(lambda url=url, ranges=ranges: _reads(url, ranges))
+                samples["cold"].append(data_bytes / secs / MiB)
+                secs, _ = timed(lambda url=url, ranges=ranges: _reads(url, ranges))
+                samples["warm"].append(data_bytes / secs / MiB)
+                rng = random.Random(run_no)
+                small = [(o, o + 4096) for o in
+                         (rng.randrange(first_data, size - 4096) for _ in range(2000))]
+                latencies = _reads(url, small)
+                samples["p99"].append(statistics.quantiles(latencies, n=100)[98] * 1000)
+            finally:
+                fetcher.stop()
+
+            def get(key: str) -> None:
+                s3.get_object(Bucket=cluster.bucket, Key=key)["Body"].read()
+
+            with ThreadPoolExecutor(GET_THREADS) as ex:
+                secs, _ = timed(lambda ex=ex, get=get: list(ex.map(get, keys)))
+            samples["get"].append(data_bytes / secs / MiB)
+        samples["rss"].append(_rss_for_100_gib(cluster, cfg, prefix, backup_id, workdir))
+    finally:
+        remove_image(ioctx, name)
+        ioctx.close()
+        handle.shutdown()
+        _delete_prefix(s3, cluster.bucket, prefix)
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    report.add(Row("cold sequential 4 MiB reads (one connection)", "throughput",
+                   median(samples["cold"]), "MiB/s", f"parallel boto3 GET ({GET_THREADS} threads)",
+                   median(samples["get"]), ">= 0.9x", samples["cold"]))
+    report.add(Row(f"parallel boto3 GET ({GET_THREADS} threads)", "throughput",
+                   median(samples["get"]), "MiB/s", runs=samples["get"]))
+    report.add(Row("warm sequential 4 MiB reads", "throughput", median(samples["warm"]),
+                   "MiB/s", target=">= 300 MB/s", runs=samples["warm"]))
+    report.add(Row("warm 4 KiB random reads", "p99 latency", median(samples["p99"]), "ms",
+                   target="< 2 ms", runs=samples["p99"]))
+    report.add(Row("serving a 100 GiB backup", "fetcher RSS", max(samples["rss"]), "MiB",
+                   target="< 300 MiB", runs=samples["rss"]))
+    return report
+
+
+def _rss_for_100_gib(cluster: devcluster.ClusterInfo, cfg: config_mod.Config, prefix: str,
+                     backup_id: str, workdir: Path) -> float:
+    """A 100 GiB manifest (every chunk allocated, reusing the stored chunks) served for reads."""
+    repo = Repository(ObjectStore(dataclasses.replace(cfg.s3, prefix=prefix)), prefix)
+    small = repo.load_manifest(backup_id)
+    ids = [c for c in small.chunks if c is not None]
+    big = Manifest(backup_id=new_backup_id(), created=small.created, source=small.source,
+                   image_size=100 << 30, chunk_size=CHUNK,
+                   chunks=[ids[i % len(ids)] for i in range((100 << 30) // CHUNK)])
+    repo.save_manifest(big)
+    fetcher = Fetcher(cluster, prefix, workdir / "cache-rss")
+    try:
+        url = fetcher.session(big.backup_id)
+        size = _file_size(url)
+        rng = random.Random(1)
+        peak = 0.0
+        for _ in range(20):
+            starts = [rng.randrange(0, size - CHUNK) for _ in range(10)]
+            _reads(url, [(s, s + CHUNK) for s in starts])
+            peak = max(peak, fetcher.rss_mib())
+        return peak
+    finally:
+        fetcher.stop()
+
+
+def main() -> Any:
+    return run()
