@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from rbd_restore import __version__, cli_backup
+from rbd_restore import __version__, cli_backup, cli_jobs
 from rbd_restore.cli_dev import dev_app
 from rbd_restore.cli_fetcher import fetcher_app
 from rbd_restore.errors import UserError
@@ -25,6 +25,7 @@ app = typer.Typer(
 app.add_typer(dev_app, name="dev")
 app.add_typer(fetcher_app, name="fetcher")
 cli_backup.register(app)
+cli_jobs.register(app)
 
 
 def _version(value: bool) -> None:

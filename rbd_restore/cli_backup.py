@@ -66,17 +66,26 @@ def restore(
     ctx: typer.Context,
     backup_id: Annotated[str, typer.Argument(help="Backup id.")],
     image: Annotated[str, typer.Argument(help="POOL/IMAGE to create.")],
-    mode: Annotated[str, typer.Option("--mode", help="full: copy everything, then done.")]
-    = "full",
+    mode: Annotated[str, typer.Option("--mode", help="instant: boot now, data on demand; "
+                                      "full: copy everything first.")] = "full",
+    wait: Annotated[bool, typer.Option("--wait", help="instant: stay until committed.")]
+    = False,
+    concurrency: Annotated[int | None, typer.Option(
+        "--relocation-concurrency", min=1, max=64, help="instant with --wait: objects "
+        "copied in parallel.")] = None,
     workers: WorkersOption = 16,
     as_json: JsonOption = False,
 ) -> None:
     """Restore a backup into a new image (never overwrites an existing one)."""
-    if mode != "full":
-        raise UsageError(f"--mode {mode!r} is not available; this version restores with "
-                         "--mode full")
+    if mode not in ("full", "instant"):
+        raise UsageError(f"--mode must be instant or full, not {mode!r}")
     cfg = load_config(ctx)
     ref = ImageRef.parse(image, cfg.pools.restore_default)
+    if mode == "instant":
+        from rbd_restore.cli_jobs import restore_instant
+
+        restore_instant(cfg, backup_id, ref, wait, as_json, concurrency)
+        return
     repo = open_repository(cfg, workers)
     with open_cluster(cfg) as cluster, progress_bar(f"restore {ref}", not as_json) as progress:
         result = restore_full(cluster, repo, backup_id, ref, workers=workers, progress=progress)

@@ -1,2 +1,121 @@
-"""Staging image: import-only migration from a fetcher session URL (prepare, execute,
-commit, abort). Lands with the instant-restore issue."""
+"""The staging image: librbd's import-only migration from a fetcher session URL.
+
+``prepare`` creates the destination image with a ``qcow`` source over an
+``http`` stream; it is usable at once, and every read of an object not yet
+copied goes to the fetcher. ``execute`` relocates everything (resumable: copied
+objects are skipped), ``commit`` drops the link to the source, ``abort``
+deletes the destination and every write made to it, so it refuses while the
+image has watchers (a VM may be using it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rbd_restore.errors import AlreadyExistsError, NotFoundError, UnavailableError, UserError
+
+Progress = Callable[[int, int], None]
+
+STATE_NAMES = {
+    "RBD_IMAGE_MIGRATION_STATE_ERROR": "error",
+    "RBD_IMAGE_MIGRATION_STATE_PREPARING": "preparing",
+    "RBD_IMAGE_MIGRATION_STATE_PREPARED": "prepared",
+    "RBD_IMAGE_MIGRATION_STATE_EXECUTING": "executing",
+    "RBD_IMAGE_MIGRATION_STATE_EXECUTED": "executed",
+    "RBD_IMAGE_MIGRATION_STATE_ABORTING": "aborting",
+}
+
+
+class ImageInUse(UserError):
+    """The image has watchers: a VM or another client has it open."""
+
+
+def source_spec(url: str) -> str:
+    """The migration source: the backup as qcow2 over HTTP (see docs/fetcher-api.md)."""
+    return json.dumps({"type": "qcow", "stream": {"type": "http", "url": url}})
+
+
+def prepare(ioctx: Any, name: str, url: str) -> None:
+    import rbd
+
+    try:
+        rbd.RBD().migration_prepare_import(source_spec(url), ioctx, name)
+    except rbd.ImageExists:
+        raise AlreadyExistsError(f"image {name} already exists; restore never overwrites") \
+            from None
+    except (rbd.IOError, rbd.ConnectionShutdown, rbd.Timeout, rbd.ImageNotFound) as exc:
+        # librbd opens the source (HEAD) while preparing; the URL is not echoed.
+        raise UnavailableError(f"librbd could not open the backup through the fetcher "
+                               f"({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    state: str
+    description: str
+
+    @property
+    def finished_copying(self) -> bool:
+        return self.state == "executed"
+
+
+def state(ioctx: Any, name: str) -> MigrationState | None:
+    """The migration state in the image header; None when the image is not migrating."""
+    import rbd
+
+    names = {getattr(rbd, const): text for const, text in STATE_NAMES.items()
+             if hasattr(rbd, const)}
+    try:
+        status = rbd.RBD().migration_status(ioctx, name)
+    except rbd.ImageNotFound:
+        raise NotFoundError(f"image {name} does not exist") from None
+    except rbd.InvalidArgument:
+        return None
+    return MigrationState(names.get(status["state"], "unknown"),
+                          str(status.get("state_description", "")))
+
+
+def execute(ioctx: Any, name: str, progress: Progress | None = None) -> None:
+    """Copy every object not yet in the destination; safe to run again after a failure."""
+    import rbd
+
+    def on_progress(done: int, total: int) -> int:
+        if progress:
+            progress(done, total)
+        return 0
+
+    rbd.RBD().migration_execute(ioctx, name, on_progress=on_progress)
+
+
+def commit(ioctx: Any, name: str) -> None:
+    import rbd
+
+    rbd.RBD().migration_commit(ioctx, name)
+
+
+def watchers(ioctx: Any, name: str) -> list[str]:
+    import rbd
+
+    try:
+        with rbd.Image(ioctx, name, read_only=True) as image:
+            return [str(w.get("addr", w)) for w in image.watchers_list()]
+    except rbd.ImageNotFound:
+        raise NotFoundError(f"image {name} does not exist") from None
+
+
+def abort(ioctx: Any, name: str) -> None:
+    """Delete the staging image, refusing while anything has it open."""
+    import rbd
+
+    clients = watchers(ioctx, name)
+    if clients:
+        raise ImageInUse(
+            f"image {name} is open by {len(clients)} client(s) ({clients[0]}): abort would "
+            "delete the image and every write made to it; stop the VM first")
+    try:
+        rbd.RBD().migration_abort(ioctx, name)
+    except rbd.ImageBusy:
+        raise ImageInUse(f"image {name} became busy; abort refused") from None

@@ -262,11 +262,11 @@ class FetcherService:
         backup_id = body.get("backup_id") if isinstance(body, dict) else None
         if not isinstance(backup_id, str):
             raise UsageError("body must be JSON: {\"backup_id\": ...}")
-        session = await self.blocking(self.book.create, backup_id)
+        session, sizes = await self.blocking(self.book.create, backup_id)
         log.info("session created", extra={"session": session.session_id,
                                             "backup": backup_id})
         await self._count_sessions()
-        return web.json_response(session.as_json(), status=201)
+        return web.json_response({**session.as_json(), **sizes}, status=201)
 
     async def list_sessions(self, _request: web.Request) -> web.Response:
         sessions = await self.blocking(self.book.list)

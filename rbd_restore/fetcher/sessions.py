@@ -59,13 +59,15 @@ class SessionBook:
     def url_for(self, claim: tokens.SessionClaim) -> str:
         return f"{self.data_url}/v1/s/{tokens.sign(self.secret, claim)}/disk.qcow2"
 
-    def create(self, backup_id: str) -> Session:
-        self.repo.load_manifest(backup_id)  # unknown or damaged backups get no session
+    def create(self, backup_id: str) -> tuple[Session, dict[str, int]]:
+        """A new session, and the backup's sizes (unknown or damaged backups get none)."""
+        manifest = self.repo.load_manifest(backup_id)
         claim = tokens.SessionClaim(tokens.new_session_id(), backup_id, int(time.time()))
         record = {"session_id": claim.session_id, "backup_id": backup_id,
                   "created": claim.created}
         self.repo.store.put(self._open_key(claim.session_id), json.dumps(record).encode())
-        return Session(claim.session_id, backup_id, claim.created, self.url_for(claim))
+        sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes}
+        return Session(claim.session_id, backup_id, claim.created, self.url_for(claim)), sizes
 
     def list(self) -> list[Session]:
         sessions = []
