@@ -15,7 +15,7 @@ demo-down:
 	@$(VENV)/bin/rbd-restore dev down --dir $(DEMO_DIR)/cluster --purge
 
 lint: install
-	$(VENV)/bin/ruff check rbd_restore tests bench
+	$(VENV)/bin/ruff check rbd_restore tests bench scripts
 
 type: install
 	$(VENV)/bin/mypy rbd_restore

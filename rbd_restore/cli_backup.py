@@ -73,6 +73,9 @@ def restore(
     concurrency: Annotated[int | None, typer.Option(
         "--relocation-concurrency", min=1, max=64, help="instant with --wait: objects "
         "copied in parallel.")] = None,
+    rate_limit: Annotated[float, typer.Option(
+        "--rate-limit", min=0, help="instant: relocation reads from the backup, MiB/s "
+        "(0 = unlimited).")] = 0,
     workers: WorkersOption = 16,
     as_json: JsonOption = False,
 ) -> None:
@@ -84,7 +87,7 @@ def restore(
     if mode == "instant":
         from rbd_restore.cli_jobs import restore_instant
 
-        restore_instant(cfg, backup_id, ref, wait, as_json, concurrency)
+        restore_instant(cfg, backup_id, ref, wait, as_json, concurrency, rate_limit)
         return
     repo = open_repository(cfg, workers)
     with open_cluster(cfg) as cluster, progress_bar(f"restore {ref}", not as_json) as progress:

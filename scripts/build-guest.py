@@ -47,12 +47,19 @@ cd /
 for f in $(find data -type f | sort); do
   echo "RBD-RESTORE-GUEST-SUM $(sha256sum $f)"
 done
-echo "%s"
-date +%%s > /written-by-guest
+echo "MARKER_LINE"
+date +%s > /written-by-guest
 echo "written by the guest" >> /written-by-guest
 sync
+echo "RBD-RESTORE-GUEST-WROTE"
+# rbdrestore.hold=N on the kernel command line keeps the VM up N seconds (tests).
+hold=""
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in rbdrestore.hold=*) hold="${arg#rbdrestore.hold=}" ;; esac
+done
+[ -n "$hold" ] && sleep "$hold"
 poweroff -f
-""" % MARKER
+""".replace("MARKER_LINE", MARKER)
 
 
 def kernel_release() -> str:

@@ -39,8 +39,11 @@ class ControlClient:
             raise UnavailableError(f"fetcher control plane at {self.base} is unreachable "
                                    f"({reason})") from None
 
-    def create(self, backup_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", "/v1/sessions", {"backup_id": backup_id})
+    def create(self, backup_id: str, rate_limit_bytes_per_s: int = 0) -> dict[str, Any]:
+        body: dict[str, Any] = {"backup_id": backup_id}
+        if rate_limit_bytes_per_s:
+            body["rate_limit_bytes_per_s"] = rate_limit_bytes_per_s
+        result: dict[str, Any] = self._call("POST", "/v1/sessions", body)
         return result
 
     def list(self) -> list[dict[str, Any]]:

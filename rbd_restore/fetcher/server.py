@@ -92,6 +92,7 @@ class FetcherService:
         self.readahead_slots = asyncio.Semaphore(max(1, fc.s3_concurrency * 3 // 4))
         self.readahead_tasks: set[asyncio.Task[None]] = set()
         self.last_unique: dict[str, int] = {}
+        self.paced_until: dict[str, float] = {}
 
     async def blocking(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
@@ -163,6 +164,8 @@ class FetcherService:
             headers["Content-Range"] = wanted.content_range(view.size)
         first_end = min(wanted.end, wanted.start + WINDOW)
         self._read_ahead(claim.session_id, view, wanted)
+        if claim.rate_limit and wanted.length >= view.cluster_size:
+            await self._throttle(claim.session_id, claim.rate_limit, wanted.length)
         try:
             first = await self._assemble(view, wanted.start, first_end)
         except UserError as exc:
@@ -193,6 +196,19 @@ class FetcherService:
         assert isinstance(segment, ChunkSlice)
         return await self.cache.read(segment.chunk_id, segment.chunk_length, segment.offset,
                                      segment.length)
+
+    async def _throttle(self, session_id: str, rate: int, nbytes: int) -> None:
+        """Pace relocation-sized reads (whole data clusters) to ``rate`` bytes/s.
+
+        Guest reads are usually smaller and pass; note that when a VM holds the
+        image lock the relocation shares its connection, so pacing also delays
+        the guest reads queued behind it.
+        """
+        now = time.monotonic()
+        start = max(now, self.paced_until.get(session_id, now))
+        self.paced_until[session_id] = start + nbytes / rate
+        if start > now:
+            await asyncio.sleep(start - now)
 
     def _read_ahead(self, session_id: str, view: Qcow2View, wanted: ByteRange) -> None:
         """On reads that walk the data clusters in order, stage the next chunks.
@@ -262,7 +278,10 @@ class FetcherService:
         backup_id = body.get("backup_id") if isinstance(body, dict) else None
         if not isinstance(backup_id, str):
             raise UsageError("body must be JSON: {\"backup_id\": ...}")
-        session, sizes = await self.blocking(self.book.create, backup_id)
+        rate_limit = body.get("rate_limit_bytes_per_s", 0)
+        if not isinstance(rate_limit, int) or isinstance(rate_limit, bool) or rate_limit < 0:
+            raise UsageError("rate_limit_bytes_per_s must be a whole number >= 0")
+        session, sizes = await self.blocking(self.book.create, backup_id, rate_limit)
         log.info("session created", extra={"session": session.session_id,
                                             "backup": backup_id})
         await self._count_sessions()

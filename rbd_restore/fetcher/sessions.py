@@ -59,12 +59,13 @@ class SessionBook:
     def url_for(self, claim: tokens.SessionClaim) -> str:
         return f"{self.data_url}/v1/s/{tokens.sign(self.secret, claim)}/disk.qcow2"
 
-    def create(self, backup_id: str) -> tuple[Session, dict[str, int]]:
+    def create(self, backup_id: str, rate_limit: int = 0) -> tuple[Session, dict[str, int]]:
         """A new session, and the backup's sizes (unknown or damaged backups get none)."""
         manifest = self.repo.load_manifest(backup_id)
-        claim = tokens.SessionClaim(tokens.new_session_id(), backup_id, int(time.time()))
+        claim = tokens.SessionClaim(tokens.new_session_id(), backup_id, int(time.time()),
+                                    rate_limit)
         record = {"session_id": claim.session_id, "backup_id": backup_id,
-                  "created": claim.created}
+                  "created": claim.created, "rate_limit": rate_limit}
         self.repo.store.put(self._open_key(claim.session_id), json.dumps(record).encode())
         sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes}
         return Session(claim.session_id, backup_id, claim.created, self.url_for(claim)), sizes
@@ -75,7 +76,8 @@ class SessionBook:
             try:
                 record = json.loads(self.repo.store.get(info.key))
                 claim = tokens.SessionClaim(str(record["session_id"]), str(record["backup_id"]),
-                                            int(record["created"]))
+                                            int(record["created"]),
+                                            int(record.get("rate_limit", 0)))
             except (ObjectMissing, ValueError, KeyError, TypeError):
                 continue  # closed meanwhile, or not ours
             if time.time() - claim.created <= self.max_age:

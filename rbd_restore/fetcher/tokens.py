@@ -30,6 +30,7 @@ class SessionClaim:
     session_id: str
     backup_id: str
     created: int
+    rate_limit: int = 0  # bytes/s for relocation-sized reads; 0 = unlimited
 
 
 def new_session_id() -> str:
@@ -49,8 +50,11 @@ def _mac(secret: bytes, payload: str) -> str:
 
 
 def sign(secret: bytes, claim: SessionClaim) -> str:
-    body = json.dumps({"v": 1, "s": claim.session_id, "b": claim.backup_id, "t": claim.created},
-                      separators=(",", ":"), sort_keys=True)
+    fields: dict[str, object] = {"v": 1, "s": claim.session_id, "b": claim.backup_id,
+                                 "t": claim.created}
+    if claim.rate_limit:
+        fields["r"] = claim.rate_limit
+    body = json.dumps(fields, separators=(",", ":"), sort_keys=True)
     payload = _b64(body.encode())
     return f"{payload}.{_mac(secret, payload)}"
 
@@ -76,4 +80,7 @@ def verify(secret: bytes, token: str, now: float, max_age: float) -> SessionClai
     created = body.get("t")
     if not isinstance(created, int) or isinstance(created, bool) or now - created > max_age:
         return None
-    return SessionClaim(session_id, backup_id, created)
+    rate = body.get("r", 0)
+    if not isinstance(rate, int) or isinstance(rate, bool) or rate < 0:
+        return None
+    return SessionClaim(session_id, backup_id, created, rate)

@@ -177,21 +177,26 @@ class JobRunner:
         return record.with_(progress=fraction, rate_bytes_per_s=rate)
 
     def serve(self, poll_seconds: float = 2.0, once: bool = False) -> None:
-        """Run every active job, one at a time, until stopped (or, with ``once``, until idle)."""
+        """Run every active job until stopped; with ``once``, until no job is active.
+
+        A job whose runner died stays locked until its lock expires; it is then
+        taken over here, so waiting for it is part of "once".
+        """
         while True:
-            ran = False
+            active = ran = 0
             for record in self.store.list():
                 if record.state not in ACTIVE:
                     continue
+                active += 1
                 try:
                     final = self.run(record)
-                    ran = True
+                    ran += 1
                     log.info("job finished", extra={"job": record.id, "state": final.state})
                 except JobBusy:
                     continue
                 except UserError as exc:
                     log.error("job %s: %s", record.id, exc.message)
-            if once and not ran:
+            if once and not active:
                 return
             if not ran:
                 time.sleep(poll_seconds)

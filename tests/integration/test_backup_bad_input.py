@@ -13,7 +13,7 @@ from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.repository import new_backup_id
-from tests.integration.helpers import Cli
+from tests.support.helpers import Cli
 
 
 @pytest.fixture

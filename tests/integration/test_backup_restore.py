@@ -15,7 +15,7 @@ from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.repository import snapshot_name
-from tests.integration.helpers import Cli, du_used, export_digest, scatter_random_data
+from tests.support.helpers import Cli, du_used, export_digest, scatter_random_data
 
 MiB = 1 << 20
 

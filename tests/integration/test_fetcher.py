@@ -24,8 +24,8 @@ from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.repository import snapshot_name
-from tests.integration.fetcher_proc import FetcherProcess
-from tests.integration.helpers import Cli
+from tests.support.fetcher_proc import FetcherProcess
+from tests.support.helpers import Cli
 
 MiB = 1 << 20
 

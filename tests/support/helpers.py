@@ -22,13 +22,15 @@ class Cli:
     prefix: str
     extra_env: dict[str, str]
 
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {**os.environ, "RBD_RESTORE_CONFIG": str(self.cluster.config),
+                "RBD_RESTORE_S3_PREFIX": self.prefix, **self.extra_env, **(extra or {})}
+
     def run(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        full_env = {**os.environ, "RBD_RESTORE_CONFIG": str(self.cluster.config),
-                    "RBD_RESTORE_S3_PREFIX": self.prefix, **self.extra_env, **(env or {})}
         return subprocess.run([sys.executable, "-m", "rbd_restore.cli", *args],
-                              capture_output=True, text=True, env=full_env, timeout=timeout,
-                              check=False)
+                              capture_output=True, text=True, env=self.env(env),
+                              timeout=timeout, check=False)
 
     def json(self, *args: str, env: dict[str, str] | None = None) -> Any:
         result = self.run(*args, "--json", env=env)

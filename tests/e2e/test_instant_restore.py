@@ -1,0 +1,244 @@
+"""Instant restore of a booting guest: real cluster, RGW, fetcher, job runner and QEMU."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rbd_restore import devcluster
+from rbd_restore.ceph import remove_image
+from tests.support.fetcher_proc import FetcherProcess
+from tests.support.helpers import Cli, du_used
+from tests.support.vm import Vm, build_guest
+
+MiB = 1 << 20
+OBJECT = 4 * MiB
+
+
+@pytest.fixture(scope="module")
+def guest() -> tuple[Path, dict[str, Any]]:
+    return build_guest()
+
+
+@pytest.fixture(scope="module")
+def site(cluster: devcluster.ClusterInfo, rados_cluster: Any, guest: tuple[Path, dict[str, Any]],
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The guest disk backed up (and the original deleted), with a fetcher serving it."""
+    guest_dir, info = guest
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}/"
+    work = tmp_path_factory.mktemp("e2e")
+    fetcher = FetcherProcess(cluster, work / "cache", prefix)
+    fetcher.start()
+    cli = Cli(cluster, prefix, fetcher.env_overrides)
+    source = f"guest-src-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "import", "--no-progress",
+                    str(guest_dir / "root.img"), f"volumes/{source}"], check=True)
+    backup = cli.json("backup", f"volumes/{source}")
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        remove_image(ioctx, source)
+    try:
+        yield {"cli": cli, "fetcher": fetcher, "backup": backup, "info": info,
+               "guest": guest_dir, "work": work}
+    finally:
+        fetcher.stop()
+
+
+@pytest.fixture
+def target(rados_cluster: Any) -> Iterator[str]:
+    import rbd
+
+    name = f"restored-{uuid.uuid4().hex[:8]}"
+    yield name
+    # A killed QEMU's watch lingers until the OSD times it out (30 s): retry until then.
+    deadline = time.monotonic() + 90
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        while True:
+            try:
+                with contextlib.suppress(rbd.InvalidArgument, rbd.ImageNotFound):
+                    rbd.RBD().migration_abort(ioctx, name)
+                remove_image(ioctx, name)
+                return
+            except rbd.ImageBusy:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+
+def vm_on(site: dict[str, Any], cluster: devcluster.ClusterInfo, image: str,
+          hold: int) -> Vm:
+    return Vm(site["guest"], f"rbd:volumes/{image}:conf={cluster.ceph_conf}",
+              site["work"] / f"{image}-{time.monotonic_ns()}.console", hold)
+
+
+def runner(site: dict[str, Any], *args: str) -> subprocess.Popen[bytes]:
+    cli: Cli = site["cli"]
+    log = open(site["work"] / f"runner-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "rbd_restore.cli", "jobs", "run", *args],
+                            env=cli.env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def job(site: dict[str, Any], job_id: str) -> dict[str, Any]:
+    jobs: list[dict[str, Any]] = site["cli"].json("status", job_id)["jobs"]
+    return jobs[0]
+
+
+def wait_job(site: dict[str, Any], job_id: str, done: Any, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = job(site, job_id)
+        if done(current):
+            return current
+        assert time.monotonic() < deadline, current
+        time.sleep(0.2)
+
+
+def objects_differing(cluster: devcluster.ClusterInfo, image: str, original: Path) -> int:
+    exported = original.parent.parent / f"{image}.export"
+    subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "export", "--no-progress",
+                    f"volumes/{image}", str(exported)], check=True)
+    differing = 0
+    with open(exported, "rb") as got, open(original, "rb") as want:
+        while True:
+            a, b = got.read(OBJECT), want.read(OBJECT)
+            if not a and not b:
+                break
+            differing += a != b
+    written = subprocess.run(["debugfs", "-R", "cat /written-by-guest", str(exported)],
+                             capture_output=True, text=True, check=True).stdout
+    exported.unlink()
+    assert "written by the guest" in written
+    return differing
+
+
+def assert_no_secrets(cluster: devcluster.ClusterInfo, site: dict[str, Any], image: str,
+                      *texts: str) -> None:
+    fetcher: FetcherProcess = site["fetcher"]
+    secrets = [cluster.s3_secret_key, cluster.s3_access_key, fetcher.settings.secret,
+               fetcher.settings.control_token]
+    status = subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "status", f"volumes/{image}"],
+                            capture_output=True, text=True, check=False).stdout
+    meta = subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "image-meta", "list",
+                           f"volumes/{image}"], capture_output=True, text=True,
+                          check=False).stdout
+    for text in (status, meta, fetcher.logs(), *texts):
+        for secret in secrets:
+            assert secret not in text
+
+
+def test_vm_boots_on_staged_image_then_relocation_and_commit(
+        cluster: devcluster.ClusterInfo, site: dict[str, Any], target: str) -> None:
+    cli: Cli = site["cli"]
+    started = cli.json("restore", site["backup"]["backup_id"], f"volumes/{target}",
+                       "--mode", "instant")
+    assert started["image"] == f"volumes/{target}" and started["ready_seconds"] < 30
+    assert job(site, started["job_id"])["state"] == "staged"
+    status_while_staged = subprocess.run(
+        ["rbd", "-c", str(cluster.ceph_conf), "status", f"volumes/{target}"],
+        capture_output=True, text=True, check=True).stdout
+    assert "disk.qcow2" in status_while_staged  # the session URL, and only that
+
+    vm = vm_on(site, cluster, target, hold=30)
+    vm.start()
+    try:
+        vm.wait_for(site["info"]["marker"])
+        assert vm.sums() == site["info"]["sums"]
+        vm.wait_for("RBD-RESTORE-GUEST-WROTE")
+        # The VM holds the exclusive lock: librbd forwards the relocation to QEMU.
+        run = runner(site, "--once")
+        assert run.wait(timeout=180) == 0
+        final = job(site, started["job_id"])
+        assert final["state"] == "committed" and final["percent"] == 100.0
+        assert vm.proc is not None and vm.proc.poll() is None  # still running
+    finally:
+        vm.stop()
+    differing = objects_differing(cluster, target, site["guest"] / "root.img")
+    assert 1 <= differing <= 8
+    allocated = cli.json("backups", "show", site["backup"]["backup_id"])["allocated_bytes"]
+    assert du_used(cluster, f"volumes/{target}") <= allocated + differing * OBJECT
+    assert_no_secrets(cluster, site, target, status_while_staged)
+    listed = {s["session_id"] for s in cli.json("fetcher", "session", "list")["sessions"]}
+    assert final["session_id"] not in listed  # closed at commit
+
+
+def test_relocation_first_vm_midway_and_runner_killed(
+        cluster: devcluster.ClusterInfo, site: dict[str, Any], target: str) -> None:
+    cli: Cli = site["cli"]
+    started = cli.json("restore", site["backup"]["backup_id"], f"volumes/{target}",
+                       "--mode", "instant", "--rate-limit", "3")
+    first = runner(site)
+    vm = vm_on(site, cluster, target, hold=60)
+    try:
+        wait_job(site, started["job_id"], lambda j: j["state"] == "relocating"
+                 and j["percent"] > 5)
+        vm.start()  # the lock moves to QEMU in the middle of the relocation
+        vm.wait_for(site["info"]["marker"])
+        assert vm.sums() == site["info"]["sums"]
+        # 3 MiB/s over the guest's 76 MiB: the relocation is still running here.
+        assert job(site, started["job_id"])["state"] == "relocating"
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        line = cli.fails("abort", started["job_id"])
+        assert "stop the VM first" in line  # the VM still has it open
+        second = runner(site, "--once")
+        assert second.wait(timeout=300) == 0
+        final = job(site, started["job_id"])
+        assert final["state"] == "committed"
+        assert vm.proc is not None and vm.proc.poll() is None  # the VM kept running
+    finally:
+        vm.stop()
+        if first.poll() is None:
+            first.kill()
+    objects_differing(cluster, target, site["guest"] / "root.img")
+
+
+def test_abort_is_refused_while_the_vm_runs_then_removes_the_image(
+        cluster: devcluster.ClusterInfo, site: dict[str, Any], target: str,
+        rados_cluster: Any) -> None:
+    import rbd
+
+    cli: Cli = site["cli"]
+    started = cli.json("restore", site["backup"]["backup_id"], f"volumes/{target}",
+                       "--mode", "instant")
+    vm = vm_on(site, cluster, target, hold=10)
+    vm.start()
+    try:
+        vm.wait_for(site["info"]["marker"])
+        line = cli.fails("abort", started["job_id"])
+        assert "delete the image and every write" in line
+        vm.wait_exit()  # the guest powers off; QEMU closes the image and its watch
+    finally:
+        vm.stop()
+    result = cli.run("abort", started["job_id"])
+    assert result.returncode == 0, result.stderr
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        assert target not in rbd.RBD().list(ioctx)
+    assert job(site, started["job_id"])["state"] == "aborted"
+
+
+def test_bad_input_creates_nothing(cluster: devcluster.ClusterInfo, site: dict[str, Any],
+                                   target: str, rados_cluster: Any) -> None:
+    import rbd
+
+    cli: Cli = site["cli"]
+    backup_id = site["backup"]["backup_id"]
+    assert "does not exist" in cli.fails("restore", "20200101T000000Z-00000000",
+                                         f"volumes/{target}", "--mode", "instant")
+    assert "unreachable" in cli.fails(
+        "restore", backup_id, f"volumes/{target}", "--mode", "instant",
+        env={"RBD_RESTORE_FETCHER_CONTROL_LISTEN": "127.0.0.1:9"})
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        assert target not in rbd.RBD().list(ioctx)
+        rbd.RBD().create(ioctx, target, MiB)
+    assert "already exists" in cli.fails("restore", backup_id, f"volumes/{target}",
+                                         "--mode", "instant")
+    jobs = cli.json("status")["jobs"]
+    assert not any(j["image"] == f"volumes/{target}" for j in jobs)

@@ -1,0 +1,80 @@
+"""The test guest under QEMU (TCG) on an rbd: drive, stopped by its own pid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def build_guest() -> tuple[Path, dict[str, Any]]:
+    """Build (or reuse the cached) guest; return its directory and guest.json."""
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build-guest.py")], check=True,
+                   capture_output=True)
+    guest = REPO / ".cache" / "guest"
+    return guest, json.loads((guest / "guest.json").read_text())
+
+
+@dataclass
+class Vm:
+    guest: Path
+    drive: str
+    console: Path
+    hold_seconds: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        append = "console=ttyS0 quiet panic=-1"
+        if self.hold_seconds:
+            append += f" rbdrestore.hold={self.hold_seconds}"
+        self.console.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none",
+             "-no-reboot", "-monitor", "none", "-serial", f"file:{self.console}",
+             "-kernel", str(self.guest / "vmlinuz"), "-initrd", str(self.guest / "initrd.img"),
+             "-append", append,
+             "-drive", f"file={self.drive},format=raw,if=virtio,cache=writeback"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def output(self) -> str:
+        try:
+            return self.console.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, text: str, timeout: float = 180) -> float:
+        """Seconds until ``text`` appears on the console; fails if QEMU exits first."""
+        started = time.monotonic()
+        while text not in self.output():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise AssertionError(f"QEMU exited before {text!r}: {err[-500:]}\n"
+                                     f"{self.output()[-1500:]}")
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"no {text!r} after {timeout} s:\n{self.output()[-1500:]}")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    def wait_exit(self, timeout: float = 120) -> None:
+        assert self.proc is not None
+        self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def sums(self) -> dict[str, str]:
+        found = {}
+        for line in self.output().splitlines():
+            if line.startswith("RBD-RESTORE-GUEST-SUM "):
+                _, digest, name = line.split()
+                found[name] = digest
+        return found
