@@ -123,13 +123,26 @@ def _dirty_chunks(image: Any, size: int, chunk_size: int, since: str | None) -> 
     return dirty
 
 
-def _remove_older_snapshots(image: Any, keep: str) -> None:
+def _remove_older_snapshots(repo: Repository, image: Any, keep: str, source: Source) -> None:
+    """Remove the older snapshots that backups of this image made.
+
+    Snapshots that came with a restore (older backups of another image, exposed
+    with --with-history) carry the same kind of name but are not ours to remove.
+    """
     for snap in list(image.list_snaps()):
-        if snap["name"] != keep and backup_id_of_snapshot(snap["name"]):
-            try:
-                image.remove_snap(snap["name"])
-            except Exception as exc:  # a protected or cloned snapshot stays; say so
-                log.warning("kept snapshot %s: %s", snap["name"], type(exc).__name__)
+        backup_id = backup_id_of_snapshot(snap["name"])
+        if snap["name"] == keep or backup_id is None:
+            continue
+        try:
+            owner = repo.load_manifest(backup_id).source
+        except UserError:
+            continue
+        if (owner.fsid, owner.image_id) != (source.fsid, source.image_id):
+            continue
+        try:
+            image.remove_snap(snap["name"])
+        except Exception as exc:  # a protected or cloned snapshot stays; say so
+            log.warning("kept snapshot %s: %s", snap["name"], type(exc).__name__)
 
 
 def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: int,
@@ -145,16 +158,17 @@ def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: in
         parent = None if full else _find_parent(repo, image, chunk_size)
         image.create_snap(snap)
         try:
+            source = Source(fsid=cluster.fsid, pool=ref.pool, image=ref.name,
+                            image_id=str(image.id()), snapshot=snap)
             with open_image(ioctx, ref, snapshot=snap, read_only=True) as frozen:
                 manifest, chunks_read = _store_snapshot(
-                    repo, frozen, backup_id, parent, chunk_size, workers, progress,
-                    Source(fsid=cluster.fsid, pool=ref.pool, image=ref.name,
-                           image_id=str(image.id()), snapshot=snap), started)
+                    repo, frozen, backup_id, parent, chunk_size, workers, progress, source,
+                    started)
             repo.save_manifest(manifest)
         except BaseException:
             image.remove_snap(snap)
             raise
-        _remove_older_snapshots(image, keep=snap)
+        _remove_older_snapshots(repo, image, snap, source)
     return BackupResult(manifest, parent.backup_id if parent else None, chunks_read)
 
 

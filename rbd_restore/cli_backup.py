@@ -76,18 +76,24 @@ def restore(
     rate_limit: Annotated[float, typer.Option(
         "--rate-limit", min=0, help="instant: relocation reads from the backup, MiB/s "
         "(0 = unlimited).")] = 0,
+    with_history: Annotated[int, typer.Option(
+        "--with-history", min=0, max=15, help="instant: also bring the previous N backups "
+        "of the volume, as RBD snapshots.")] = 0,
     workers: WorkersOption = 16,
     as_json: JsonOption = False,
 ) -> None:
     """Restore a backup into a new image (never overwrites an existing one)."""
     if mode not in ("full", "instant"):
         raise UsageError(f"--mode must be instant or full, not {mode!r}")
+    if mode == "full" and with_history:
+        raise UsageError("--with-history needs --mode instant")
     cfg = load_config(ctx)
     ref = ImageRef.parse(image, cfg.pools.restore_default)
     if mode == "instant":
         from rbd_restore.cli_jobs import restore_instant
 
-        restore_instant(cfg, backup_id, ref, wait, as_json, concurrency, rate_limit)
+        restore_instant(cfg, backup_id, ref, wait, as_json, concurrency, rate_limit,
+                        with_history)
         return
     repo = open_repository(cfg, workers)
     with open_cluster(cfg) as cluster, progress_bar(f"restore {ref}", not as_json) as progress:

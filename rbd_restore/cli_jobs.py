@@ -33,12 +33,13 @@ def register(app: typer.Typer) -> None:
 
 
 def restore_instant(cfg: Config, backup_id: str, ref: ImageRef, wait: bool, as_json: bool,
-                    concurrency: int | None, rate_limit_mib: float = 0) -> None:
+                    concurrency: int | None, rate_limit_mib: float = 0,
+                    history: int = 0) -> None:
     started = time.monotonic()
     control = ControlClient(cfg.fetcher)
     with open_cluster(cfg) as cluster:
         record = instant.start(cluster, control, backup_id, ref,
-                               int(rate_limit_mib * (1 << 20)))
+                               int(rate_limit_mib * (1 << 20)), history)
         if not as_json:
             typer.echo(f"ready: {ref} can boot now ({record.ready_seconds:.1f} s); "
                        f"job {record.id}")

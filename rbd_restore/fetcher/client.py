@@ -39,10 +39,13 @@ class ControlClient:
             raise UnavailableError(f"fetcher control plane at {self.base} is unreachable "
                                    f"({reason})") from None
 
-    def create(self, backup_id: str, rate_limit_bytes_per_s: int = 0) -> dict[str, Any]:
+    def create(self, backup_id: str, rate_limit_bytes_per_s: int = 0,
+               history: int = 0) -> dict[str, Any]:
         body: dict[str, Any] = {"backup_id": backup_id}
         if rate_limit_bytes_per_s:
             body["rate_limit_bytes_per_s"] = rate_limit_bytes_per_s
+        if history:
+            body["history"] = history
         result: dict[str, Any] = self._call("POST", "/v1/sessions", body)
         return result
 

@@ -86,8 +86,8 @@ class FetcherService:
                                 self.source.fetch, self.executor, self.metrics)
         self.book = SessionBook(self.repo, secret, data_url,
                                 fc.session_max_age_days * 86400.0)
-        self.views: OrderedDict[str, Qcow2View] = OrderedDict()
-        self.view_loads: dict[str, asyncio.Task[Qcow2View]] = {}
+        self.views: OrderedDict[tuple[str, ...], Qcow2View] = OrderedDict()
+        self.view_loads: dict[tuple[str, ...], asyncio.Task[Qcow2View]] = {}
         # Read-ahead leaves a quarter of the S3 concurrency to demand reads.
         self.readahead_slots = asyncio.Semaphore(max(1, fc.s3_concurrency * 3 // 4))
         self.readahead_tasks: set[asyncio.Task[None]] = set()
@@ -99,24 +99,28 @@ class FetcherService:
 
     # Views of backups
 
-    async def view(self, backup_id: str) -> Qcow2View:
-        cached = self.views.get(backup_id)
+    async def view(self, backup_id: str, history: tuple[str, ...] = ()) -> Qcow2View:
+        key = (backup_id, *history)
+        cached = self.views.get(key)
         if cached is not None:
-            self.views.move_to_end(backup_id)
+            self.views.move_to_end(key)
             return cached
-        task = self.view_loads.get(backup_id)
+        task = self.view_loads.get(key)
         if task is None:
-            task = asyncio.ensure_future(self.blocking(self._build_view, backup_id))
-            self.view_loads[backup_id] = task
-            task.add_done_callback(lambda _t: self.view_loads.pop(backup_id, None))
+            task = asyncio.ensure_future(self.blocking(self._build_view, key))
+            self.view_loads[key] = task
+            task.add_done_callback(lambda _t: self.view_loads.pop(key, None))
         view = await asyncio.shield(task)
-        self.views[backup_id] = view
+        self.views[key] = view
         while len(self.views) > VIEWS_KEPT:
             self.views.popitem(last=False)
         return view
 
-    def _build_view(self, backup_id: str) -> Qcow2View:
-        return Qcow2View(self.repo.load_manifest(backup_id))
+    def _build_view(self, key: tuple[str, ...]) -> Qcow2View:
+        head, *history = key
+        manifest = self.repo.load_manifest(head)
+        older = [manifest if h == head else self.repo.load_manifest(h) for h in history]
+        return Qcow2View(manifest, older)
 
     # Data plane
 
@@ -141,7 +145,7 @@ class FetcherService:
             if request.method == "HEAD" and await self.blocking(
                     self.book.is_closed_in_bucket, claim.session_id):
                 return _plain(404, "not found")
-            view = await self.view(claim.backup_id)
+            view = await self.view(claim.backup_id, claim.history)
         except NotFoundError:
             return _plain(404, "not found")
         except UserError as exc:
@@ -278,10 +282,15 @@ class FetcherService:
         backup_id = body.get("backup_id") if isinstance(body, dict) else None
         if not isinstance(backup_id, str):
             raise UsageError("body must be JSON: {\"backup_id\": ...}")
-        rate_limit = body.get("rate_limit_bytes_per_s", 0)
-        if not isinstance(rate_limit, int) or isinstance(rate_limit, bool) or rate_limit < 0:
-            raise UsageError("rate_limit_bytes_per_s must be a whole number >= 0")
-        session, sizes = await self.blocking(self.book.create, backup_id, rate_limit)
+        numbers = {}
+        for field in ("rate_limit_bytes_per_s", "history"):
+            value = body.get(field, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UsageError(f"{field} must be a whole number >= 0")
+            numbers[field] = value
+        session, sizes = await self.blocking(self.book.create, backup_id,
+                                             numbers["rate_limit_bytes_per_s"],
+                                             numbers["history"])
         log.info("session created", extra={"session": session.session_id,
                                             "backup": backup_id})
         await self._count_sessions()

@@ -20,6 +20,7 @@ from typing import Any
 
 from rbd_restore.errors import NotFoundError, UsageError
 from rbd_restore.fetcher import tokens
+from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository
 from rbd_restore.repo.store import ObjectMissing
 
@@ -59,15 +60,31 @@ class SessionBook:
     def url_for(self, claim: tokens.SessionClaim) -> str:
         return f"{self.data_url}/v1/s/{tokens.sign(self.secret, claim)}/disk.qcow2"
 
-    def create(self, backup_id: str, rate_limit: int = 0) -> tuple[Session, dict[str, int]]:
+    def history_of(self, head: Manifest, count: int) -> tuple[str, ...]:
+        """The ``count`` newest backups of the same volume before ``head``, oldest first,
+        followed by ``head`` itself (so the restored image's next backup is incremental)."""
+        if count <= 0:
+            return ()
+        if count >= tokens.MAX_HISTORY:
+            raise UsageError(f"history is limited to {tokens.MAX_HISTORY - 1} backups")
+        older = [m.backup_id for m in self.repo.manifests()
+                 if m.backup_id < head.backup_id and m.chunk_size == head.chunk_size
+                 and (m.source.fsid, m.source.image_id) == (head.source.fsid,
+                                                            head.source.image_id)]
+        return (*older[-count:], head.backup_id)
+
+    def create(self, backup_id: str, rate_limit: int = 0,
+               history: int = 0) -> tuple[Session, dict[str, Any]]:
         """A new session, and the backup's sizes (unknown or damaged backups get none)."""
         manifest = self.repo.load_manifest(backup_id)
         claim = tokens.SessionClaim(tokens.new_session_id(), backup_id, int(time.time()),
-                                    rate_limit)
+                                    rate_limit, self.history_of(manifest, history))
         record = {"session_id": claim.session_id, "backup_id": backup_id,
-                  "created": claim.created, "rate_limit": rate_limit}
+                  "created": claim.created, "rate_limit": rate_limit,
+                  "history": list(claim.history)}
         self.repo.store.put(self._open_key(claim.session_id), json.dumps(record).encode())
-        sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes}
+        sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes,
+                 "snapshots": list(claim.history)}
         return Session(claim.session_id, backup_id, claim.created, self.url_for(claim)), sizes
 
     def list(self) -> list[Session]:
@@ -77,7 +94,8 @@ class SessionBook:
                 record = json.loads(self.repo.store.get(info.key))
                 claim = tokens.SessionClaim(str(record["session_id"]), str(record["backup_id"]),
                                             int(record["created"]),
-                                            int(record.get("rate_limit", 0)))
+                                            int(record.get("rate_limit", 0)),
+                                            tuple(record.get("history", ())))
             except (ObjectMissing, ValueError, KeyError, TypeError):
                 continue  # closed meanwhile, or not ours
             if time.time() - claim.created <= self.max_age:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from rbd_restore.repo.layout import BACKUP_ID
 
 SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,512}\.[A-Za-z0-9_-]{43}$")
+MAX_HISTORY = 16
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,1024}\.[A-Za-z0-9_-]{43}$")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class SessionClaim:
     backup_id: str
     created: int
     rate_limit: int = 0  # bytes/s for relocation-sized reads; 0 = unlimited
+    history: tuple[str, ...] = ()  # older backups exposed as snapshots, oldest first
 
 
 def new_session_id() -> str:
@@ -54,6 +56,8 @@ def sign(secret: bytes, claim: SessionClaim) -> str:
                                  "t": claim.created}
     if claim.rate_limit:
         fields["r"] = claim.rate_limit
+    if claim.history:
+        fields["h"] = list(claim.history)
     body = json.dumps(fields, separators=(",", ":"), sort_keys=True)
     payload = _b64(body.encode())
     return f"{payload}.{_mac(secret, payload)}"
@@ -83,4 +87,8 @@ def verify(secret: bytes, token: str, now: float, max_age: float) -> SessionClai
     rate = body.get("r", 0)
     if not isinstance(rate, int) or isinstance(rate, bool) or rate < 0:
         return None
-    return SessionClaim(session_id, backup_id, created, rate)
+    history = body.get("h", [])
+    if not isinstance(history, list) or len(history) > MAX_HISTORY or not all(
+            isinstance(h, str) and BACKUP_ID.match(h) for h in history):
+        return None
+    return SessionClaim(session_id, backup_id, created, rate, tuple(history))

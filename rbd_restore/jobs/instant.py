@@ -13,13 +13,13 @@ from rbd_restore.jobs.store import JobRecord, JobStore, new_job_id, now_iso
 
 
 def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRef,
-          rate_limit_bytes_per_s: int = 0) -> JobRecord:
+          rate_limit_bytes_per_s: int = 0, history: int = 0) -> JobRecord:
     """Prepare ``ref`` so a VM can boot on it; the relocation is left to a job runner."""
     started = time.monotonic()
     with cluster.ioctx(ref.pool) as ioctx:
         if image_exists(ioctx, ref.name):
             raise AlreadyExistsError(f"image {ref} already exists; restore never overwrites")
-        session = control.create(backup_id, rate_limit_bytes_per_s)
+        session = control.create(backup_id, rate_limit_bytes_per_s, history)
         try:
             lazy_clone.prepare(ioctx, ref.name, session["url"])
         except BaseException:

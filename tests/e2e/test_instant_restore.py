@@ -17,7 +17,7 @@ import pytest
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
 from tests.support.fetcher_proc import FetcherProcess
-from tests.support.helpers import Cli, du_used
+from tests.support.helpers import Cli, du_used, export_digest
 from tests.support.vm import Vm, build_guest
 
 MiB = 1 << 20
@@ -242,3 +242,41 @@ def test_bad_input_creates_nothing(cluster: devcluster.ClusterInfo, site: dict[s
                                          "--mode", "instant")
     jobs = cli.json("status")["jobs"]
     assert not any(j["image"] == f"volumes/{target}" for j in jobs)
+
+
+def test_restore_with_history_brings_snapshots_and_next_backup_is_incremental(
+        cluster: devcluster.ClusterInfo, site: dict[str, Any], target: str,
+        rados_cluster: Any) -> None:
+    import rbd
+
+    cli: Cli = site["cli"]
+    source = f"hist-src-{uuid.uuid4().hex[:6]}"
+    digests = {}
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        rbd.RBD().create(ioctx, source, 32 * MiB, old_format=False)
+        try:
+            backups = []
+            for generation in range(3):
+                with rbd.Image(ioctx, source) as image:
+                    image.write(bytes([generation + 1]) * MiB, generation * 8 * MiB)
+                backup = cli.json("backup", f"volumes/{source}")["backup_id"]
+                digests[backup] = export_digest(cluster, f"volumes/{source}")
+                backups.append(backup)
+        finally:
+            remove_image(ioctx, source)
+    head = backups[-1]
+    cli.json("restore", head, f"volumes/{target}", "--mode", "instant", "--with-history", "2",
+             "--wait")
+    with rados_cluster.open_ioctx("volumes") as ioctx, rbd.Image(ioctx, target) as image:
+        names = [s["name"] for s in image.list_snaps()]
+    assert names == [f"rbd-restore.{b}" for b in backups]
+    for backup in backups:
+        assert export_digest(cluster, f"volumes/{target}@rbd-restore.{backup}") == digests[backup]
+    assert export_digest(cluster, f"volumes/{target}") == digests[head]
+
+    again = cli.json("backup", f"volumes/{target}")
+    assert again["parent"] == head and again["bytes_read"] == 0
+    with rados_cluster.open_ioctx("volumes") as ioctx, rbd.Image(ioctx, target) as image:
+        kept = [s["name"] for s in image.list_snaps()]
+    # The restored history stays; only snapshots of this image's own backups rotate.
+    assert kept[:3] == names and kept[3] == f"rbd-restore.{again['backup_id']}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 from pathlib import Path
@@ -99,3 +100,28 @@ def test_tables_do_not_grow_with_the_virtual_disk() -> None:
     # One chunk allocated in a 100 GiB disk: header, L1, refcounts, one L2 table, data.
     assert view.size <= 8 * view.cluster_size
     assert manifest.chunks.count(None) == 25599
+
+
+def test_older_backups_become_internal_snapshots(tmp_path: Path) -> None:
+    chunk = 64 * KiB
+    older, store_a, raw_a = build(10 * chunk + 700, chunk, [1, None, 2])
+    middle, store_b, raw_b = build(12 * chunk, chunk, [1, 3, None, 3])
+    head, store_c, raw_c = build(12 * chunk + 5, chunk, [4, 1, None])
+    older = dataclasses.replace(older, backup_id="20261101T000000Z-aaaaaaaa")
+    middle = dataclasses.replace(middle, backup_id="20261102T000000Z-bbbbbbbb")
+    store = {**store_a, **store_b, **store_c}
+    view = Qcow2View(head, [older, middle])
+    assert qemu_check_and_convert(tmp_path, view, store) == sectors(raw_c)
+    qcow = tmp_path / "v.qcow2"
+    listing = subprocess.run(["qemu-img", "snapshot", "-l", str(qcow)], capture_output=True,
+                             text=True, check=True).stdout
+    for backup, raw in ((older, raw_a), (middle, raw_b)):
+        name = f"rbd-restore.{backup.backup_id}"
+        assert name in listing
+        out = tmp_path / f"{name}.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", "-l",
+                        f"snapshot.name={name}", str(qcow), str(out)], check=True)
+        got = out.read_bytes()
+        # qemu-img reads a snapshot at the active image's size; the rest is zeros.
+        assert got[:len(sectors(raw))] == sectors(raw)
+        assert not any(got[len(sectors(raw)):])
