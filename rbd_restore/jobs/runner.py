@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from rbd_restore.ceph import Cluster
 from rbd_restore.errors import NotFoundError, UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs.store import ACTIVE, JOBS_OBJECT, JobRecord, JobStore
+from rbd_restore.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +69,19 @@ class JobRunner:
                                  duration=LOCK_SECONDS)
         except (rados.ObjectBusy, rados.ObjectExists):
             raise JobBusy(f"job {job_id} is being run by another job runner") from None
-        stop = threading.Event()
 
         def renew() -> None:
-            while not stop.wait(LOCK_SECONDS / 3):
-                try:
-                    ioctx.lock_exclusive(JOBS_OBJECT, name, self.cookie,
-                                         "rbd-restore job runner", duration=LOCK_SECONDS,
-                                         flags=1)  # LIBRADOS_LOCK_FLAG_MAY_RENEW
-                except rados.Error as exc:
-                    log.warning("job %s: lock renewal failed: %s", job_id, exc)
+            try:
+                ioctx.lock_exclusive(JOBS_OBJECT, name, self.cookie, "rbd-restore job runner",
+                                     duration=LOCK_SECONDS, flags=1)  # LOCK_FLAG_MAY_RENEW
+            except rados.Error as exc:
+                log.warning("job %s: lock renewal failed: %s", job_id, exc)
 
-        thread = threading.Thread(target=renew, daemon=True)
-        thread.start()
         try:
-            yield
+            with every(LOCK_SECONDS / 3, renew, f"job-lock {job_id}"):
+                yield
         finally:
-            stop.set()
-            thread.join()
-            with suppress(rados.Error):
+            with contextlib.suppress(rados.Error):
                 ioctx.unlock(JOBS_OBJECT, name, self.cookie)
 
     def _close_session(self, record: JobRecord) -> None:

@@ -15,12 +15,12 @@ import datetime as dt
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rbd_restore.errors import UnavailableError, UserError
+from rbd_restore.periodic import every
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.store import ObjectStore
 
@@ -48,21 +48,16 @@ def live_locks(store: ObjectStore, layout: KeyLayout, kind: str) -> list[str]:
 @contextmanager
 def _held(store: ObjectStore, key: str, body: bytes) -> Iterator[None]:
     store.put(key, body)
-    stop = threading.Event()
 
     def refresh() -> None:
-        while not stop.wait(REFRESH_SECONDS):
-            # A failed refresh is retried at the next tick; the TTL leaves room for misses.
-            with contextlib.suppress(UserError):
-                store.put(key, body)
+        # A failed refresh is retried at the next tick; the TTL leaves room for misses.
+        with contextlib.suppress(UserError):
+            store.put(key, body)
 
-    thread = threading.Thread(target=refresh, name=f"lock-refresh {key}", daemon=True)
-    thread.start()
     try:
-        yield
+        with every(REFRESH_SECONDS, refresh, f"lock-refresh {key}"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         store.delete(key)
 
 

@@ -98,4 +98,4 @@ def test_missing_config_field(cli: Cli, image: str) -> None:
 def test_restore_refuses_existing_image(cli: Cli, image: str) -> None:
     backup_id = cli.json("backup", image)["backup_id"]
     assert "already exists" in cli.fails("restore", backup_id, image)
-    assert "not available" in cli.fails("restore", backup_id, "volumes/x", "--mode", "lazy")
+    assert "instant or full" in cli.fails("restore", backup_id, "volumes/x", "--mode", "lazy")
