@@ -24,7 +24,7 @@ from rbd_restore.repo.store import make_client
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
-WORKERS = 8
+WORKERS = 16  # the same parallelism as rbd-restore's default --workers
 
 
 def _pool_bytes() -> bytes:
