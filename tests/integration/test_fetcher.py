@@ -327,3 +327,26 @@ def test_cache_survives_restart_and_sigkill_keeps_bytes_correct(
     # Everything was cached before the kills: the new process answers without S3.
     assert fetcher.metrics().get("rbd_restore_fetcher_s3_gets_total", 0) == 0
     assert fetcher.metrics()["rbd_restore_fetcher_cache_hits_total"] > 0
+
+
+def test_one_s3_get_per_chunk_however_many_readers(fetcher: FetcherProcess,
+                                                   backup: dict[str, Any]) -> None:
+    url = fetcher.create_session(backup["backup_id"])["url"]
+    size = int(request(url, "HEAD")[1]["content-length"])
+    before = fetcher.metrics().get("rbd_restore_fetcher_s3_gets_total", 0)
+    # Twelve clients ask for slices of the same cold chunk at once: the last one, whose
+    # data cluster ends the file, so no read-ahead follows it.
+    start = size - 2 * MiB
+    results: list[tuple[int, bytes]] = []
+
+    def read(i: int) -> None:
+        status, _, body = request(url, headers={"Range": f"bytes={start + i}-{start + i + 99}"})
+        results.append((status, body))
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [s for s, _ in results] == [206] * 12
+    assert fetcher.metrics()["rbd_restore_fetcher_s3_gets_total"] - before == 1
