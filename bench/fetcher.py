@@ -47,12 +47,16 @@ def _free_port() -> int:
 
 
 class Fetcher:
-    def __init__(self, cluster: devcluster.ClusterInfo, prefix: str, cache: Path) -> None:
+    def __init__(self, cluster: devcluster.ClusterInfo, prefix: str, cache: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.env_overrides = {
+            "RBD_RESTORE_FETCHER_LISTEN": f"127.0.0.1:{_free_port()}",
+            "RBD_RESTORE_FETCHER_CONTROL_LISTEN": f"127.0.0.1:{_free_port()}",
+            "RBD_RESTORE_FETCHER_METRICS_LISTEN": f"127.0.0.1:{_free_port()}",
+        }
         self.env = {**os.environ, "RBD_RESTORE_CONFIG": str(cluster.config),
-                    "RBD_RESTORE_S3_PREFIX": prefix,
-                    "RBD_RESTORE_FETCHER_LISTEN": f"127.0.0.1:{_free_port()}",
-                    "RBD_RESTORE_FETCHER_CONTROL_LISTEN": f"127.0.0.1:{_free_port()}",
-                    "RBD_RESTORE_FETCHER_METRICS_LISTEN": f"127.0.0.1:{_free_port()}"}
+                    "RBD_RESTORE_S3_PREFIX": prefix, **(extra_env or {}),
+                    **self.env_overrides}
         self.log = cache.parent / f"{cache.name}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(

@@ -1,0 +1,117 @@
+"""A TCP proxy that puts a WAN between S3 clients and RGW, for the benchmarks.
+
+Every byte is delayed by half the round-trip time in each direction (a delay
+line, so pipelined requests overlap as they would on a real link) and each
+connection's throughput is capped per direction. Every compared system talks
+to RGW through the same proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+
+
+class WanProxy:
+    def __init__(self, upstream_host: str, upstream_port: int, rtt_ms: float = 20.0,
+                 bandwidth_bytes_per_s: float = 100e6) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.one_way = rtt_ms / 2000.0
+        self.bandwidth = bandwidth_bytes_per_s
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: deque[tuple[float, bytes]] = deque()
+        arrived = asyncio.Event()
+        done = False
+
+        async def receive() -> None:
+            nonlocal done
+            while data := await reader.read(256 * 1024):
+                queue.append((time.monotonic() + self.one_way, data))
+                arrived.set()
+            done = True
+            arrived.set()
+
+        async def send() -> None:
+            next_free = time.monotonic()
+            while True:
+                while not queue:
+                    if done:
+                        return
+                    arrived.clear()
+                    await arrived.wait()
+                due, data = queue.popleft()
+                start = max(due, next_free)
+                next_free = start + len(data) / self.bandwidth
+                delay = next_free - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+
+        receiver = asyncio.ensure_future(receive())
+        try:
+            await send()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _handle(self, client_r: asyncio.StreamReader,
+                      client_w: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            client_w.close()
+            return
+        await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w),
+                             return_exceptions=True)
+
+    def start(self) -> int:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._handle, "127.0.0.1", 0))
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="wan-proxy", daemon=True)
+        self._thread.start()
+        ready.wait()
+        return self.port
+
+    def stop(self) -> None:
+        if self._loop and self._server:
+            self._loop.call_soon_threadsafe(self._server.close)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread:
+            self._thread.join(10)
+
+
+def main() -> None:
+    """``python -m bench.wanproxy HOST PORT [RTT_MS] [BYTES_PER_S]``: prints the port."""
+    import sys
+
+    host, port = sys.argv[1], int(sys.argv[2])
+    rtt = float(sys.argv[3]) if len(sys.argv) > 3 else 20.0
+    bandwidth = float(sys.argv[4]) if len(sys.argv) > 4 else 100e6
+    proxy = WanProxy(host, port, rtt, bandwidth)
+    print(proxy.start(), flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
