@@ -48,6 +48,7 @@ IDLE_SECONDS = 24 * 3600  # librbd keeps one connection per open image: never cu
 CLOSED_REFRESH_SECONDS = 2.0
 VIEWS_KEPT = 32
 READAHEAD_CHUNKS = 16
+SESSIONS_TRACKED = 4096  # sessions whose read-ahead and pacing state is kept (LRU)
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,10 @@ class FetcherService:
         the guest reads queued behind it.
         """
         now = time.monotonic()
-        start = max(now, self.paced_until.get(session_id, now))
+        start = max(now, self.paced_until.pop(session_id, now))
         self.paced_until[session_id] = start + nbytes / rate
+        if len(self.paced_until) > SESSIONS_TRACKED:
+            del self.paced_until[next(iter(self.paced_until))]
         if start > now:
             await asyncio.sleep(start - now)
 
@@ -226,8 +229,10 @@ class FetcherService:
         if not touched:
             return
         current = touched[-1]
-        previous = self.last_unique.get(session_id)
-        self.last_unique[session_id] = current
+        previous = self.last_unique.pop(session_id, None)
+        self.last_unique[session_id] = current  # re-inserted: dict order is recency
+        if len(self.last_unique) > SESSIONS_TRACKED:
+            del self.last_unique[next(iter(self.last_unique))]
         if previous is None or not 0 <= current - previous <= 1:
             return
         for unique in range(current + 1, min(current + 1 + READAHEAD_CHUNKS,
