@@ -7,6 +7,8 @@ import contextlib
 import logging
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -14,7 +16,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from rbd_restore.cli_context import load_config
-from rbd_restore.errors import UsageError
+from rbd_restore.config import Config
+from rbd_restore.errors import UsageError, UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.logs import use_json_logs
 from rbd_restore.output import print_json
@@ -41,6 +44,9 @@ def serve(
     cache_size: Annotated[str | None, typer.Option("--cache-size", help="e.g. 20G.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")]
     = "info",
+    run_jobs: Annotated[bool, typer.Option(
+        "--run-jobs", help="Also host the job runner (needs the [ceph] settings): one "
+        "process for a small site.")] = False,
 ) -> None:
     """Serve backups as qcow2 files over HTTP until stopped (SIGTERM or Ctrl-C)."""
     from rbd_restore.fetcher.server import FetcherService
@@ -55,12 +61,31 @@ def serve(
                              if cache_size else None, listen=listen)
 
     def ready() -> None:
+        if run_jobs:
+            threading.Thread(target=_host_job_runner, args=(cfg,), name="job-runner",
+                             daemon=True).start()
         print(f"fetcher ready: data {service.listeners.data}, control "
-              f"{service.listeners.control}, metrics {service.listeners.metrics}",
-              file=sys.stderr, flush=True)
+              f"{service.listeners.control}, metrics {service.listeners.metrics}"
+              + (", job runner on" if run_jobs else ""), file=sys.stderr, flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_until_signal(service, ready))
+
+
+def _host_job_runner(cfg: Config) -> None:
+    """The job runner in the fetcher's process; it talks to the control plane like any
+    other runner, so the two roles stay separable."""
+    from rbd_restore.cli_context import open_cluster
+    from rbd_restore.jobs.runner import JobRunner
+
+    log = logging.getLogger("rbd_restore.jobs")
+    while True:
+        try:
+            with open_cluster(cfg) as cluster:
+                JobRunner(cluster, ControlClient(cfg.fetcher)).serve()
+        except UserError as exc:
+            log.error("job runner: %s; starting again in 10 s", exc.message)
+            time.sleep(10)
 
 
 async def _serve_until_signal(service: FetcherService, ready: Callable[[], None]) -> None:

@@ -280,3 +280,22 @@ def test_restore_with_history_brings_snapshots_and_next_backup_is_incremental(
         kept = [s["name"] for s in image.list_snaps()]
     # The restored history stays; only snapshots of this image's own backups rotate.
     assert kept[:3] == names and kept[3] == f"rbd-restore.{again['backup_id']}"
+
+
+def test_fetcher_can_host_the_job_runner(cluster: devcluster.ClusterInfo,
+                                         site: dict[str, Any], target: str) -> None:
+    fetcher: FetcherProcess = site["fetcher"]
+    combined = FetcherProcess(cluster, site["work"] / f"cache-{uuid.uuid4().hex[:6]}",
+                              fetcher.prefix, args=("--run-jobs",))
+    combined.start()
+    try:
+        cli = Cli(cluster, fetcher.prefix, combined.env_overrides)
+        started = cli.json("restore", site["backup"]["backup_id"], f"volumes/{target}",
+                           "--mode", "instant")
+        deadline = time.monotonic() + 120
+        while cli.json("status", started["job_id"])["jobs"][0]["state"] != "committed":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert "job runner on" in combined.logs()
+    finally:
+        combined.stop()
