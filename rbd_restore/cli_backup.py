@@ -151,8 +151,9 @@ def backups_list(
     cfg = load_config(ctx)
     ref = ImageRef.parse(image, cfg.pools.backup_default) if image else None
     repo = open_repository(cfg)
-    rows = [m for m in repo.manifests()
-            if ref is None or (m.source.pool, m.source.image) == (ref.pool, ref.name)]
+    rows = sorted((m for m in repo.manifests()
+                   if ref is None or (m.source.pool, m.source.image) == (ref.pool, ref.name)),
+                  key=lambda m: (m.created_at, m.backup_id))
     if as_json:
         print_json({"backups": [_summary(m) for m in rows]})
         return

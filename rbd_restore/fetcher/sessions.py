@@ -67,11 +67,12 @@ class SessionBook:
             return ()
         if count >= tokens.MAX_HISTORY:
             raise UsageError(f"history is limited to {tokens.MAX_HISTORY - 1} backups")
-        older = [m.backup_id for m in self.repo.manifests()
-                 if m.backup_id < head.backup_id and m.chunk_size == head.chunk_size
-                 and (m.source.fsid, m.source.image_id) == (head.source.fsid,
-                                                            head.source.image_id)]
-        return (*older[-count:], head.backup_id)
+        older = sorted((m for m in self.repo.manifests()
+                        if m.created_at < head.created_at and m.chunk_size == head.chunk_size
+                        and (m.source.fsid, m.source.image_id) == (head.source.fsid,
+                                                                   head.source.image_id)),
+                       key=lambda m: m.created_at)
+        return (*(m.backup_id for m in older[-count:]), head.backup_id)
 
     def create(self, backup_id: str, rate_limit: int = 0,
                history: int = 0) -> tuple[Session, dict[str, Any]]:

@@ -9,6 +9,7 @@ manifest is refused on read.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,14 @@ class Manifest:
     chunks: ChunkList
     parent: str | None = None
     stats: Stats = field(default_factory=Stats)
+
+    @property
+    def created_at(self) -> dt.datetime:
+        """Creation time; backup ids sort by it only to the second."""
+        try:
+            return dt.datetime.fromisoformat(self.created)
+        except ValueError:
+            return dt.datetime.min.replace(tzinfo=dt.UTC)
 
     @property
     def chunk_count(self) -> int:

@@ -204,6 +204,6 @@ def test_backups_list_filters_by_image(cli: Cli, ioctx: Any, images: list[str]) 
     a = cli.json("backup", f"volumes/{first}")["backup_id"]
     b = cli.json("backup", f"volumes/{second}")["backup_id"]
     listed = cli.json("backups", "list")["backups"]
-    assert [x["backup_id"] for x in listed] == sorted([a, b])
+    assert [x["backup_id"] for x in listed] == [a, b]  # oldest first, by creation time
     only = cli.json("backups", "list", "--image", f"volumes/{second}")["backups"]
     assert [x["backup_id"] for x in only] == [b]
