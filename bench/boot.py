@@ -22,6 +22,7 @@ from typing import Any
 
 from bench.common import Report, Row, bench_cluster, cli, median, timed
 from bench.fetcher import Fetcher
+from bench.trace import record, replay
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
@@ -78,7 +79,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                     f"{BANDWIDTH / 1e6:.0f} MB/s (test guest, 1 GiB disk, 76 MiB used)")
     samples: dict[str, list[float]] = {k: [] for k in (
         "local", "full", "ceph", "instant", "instant20", "reloc_ours", "reloc_ceph",
-        "reloc_get")}
+        "reloc_get", "replay_local", "replay_instant", "replay_ceph")}
     used: dict[str, int] = {}
     try:
         subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "import", "--no-progress",
@@ -98,10 +99,33 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
             "access_key": cluster.s3_access_key, "secret_key": cluster.s3_secret_key}})
         chunk_keys = [o["Key"] for o in s3.list_objects_v2(
             Bucket=cluster.bucket, Prefix=f"{prefix}chunks/").get("Contents", [])]
+        trace = record(work / "boot-trace.json")
+        conf = str(cluster.ceph_conf)
         wan_s3 = make_client(config_mod.S3Settings(**{**cfg.s3.__dict__,
                                                      "endpoint": wan_endpoint}), 32)
         for run_no in range(runs):
             samples["local"].append(_boot(guest, cluster, source, work, info["marker"]))
+            samples["replay_local"].append(replay(conf, f"volumes/{source}", trace)["seconds"])
+
+            target = f"replay-ceph-{run_no}-{uuid.uuid4().hex[:4]}"
+            rbd.RBD().migration_prepare_import(ceph_spec, ioctx, target)
+            samples["replay_ceph"].append(replay(conf, f"volumes/{target}", trace)["seconds"])
+            rbd.RBD().migration_abort(ioctx, target)
+
+            cold = Fetcher(cluster, prefix, work / f"replay-cache-{run_no}", extra_env=wan)
+            try:
+                target = f"replay-inst-{run_no}-{uuid.uuid4().hex[:4]}"
+                cenv = {**env, **cold.env_overrides}
+                job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
+                          "instant", env=cenv)["job_id"]
+                samples["replay_instant"].append(
+                    replay(conf, f"volumes/{target}", trace)["seconds"])
+                subprocess.run([sys.executable, "-m", "rbd_restore.cli", "abort", job],
+                               env={**os.environ, **cenv,
+                                    "RBD_RESTORE_CONFIG": str(cluster.config)},
+                               check=True, capture_output=True)
+            finally:
+                cold.stop()
 
             target = f"boot-full-{run_no}-{uuid.uuid4().hex[:4]}"
             started = time.monotonic()
@@ -176,6 +200,14 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                        "local RBD boot", local,
                        "<= 1.30x (cold, issue 6)" if key.startswith("instant") else "",
                        samples[key]))
+    replay_local = median(samples["replay_local"])
+    report.add(Row(f"boot trace replay ({len(trace['reads'])} reads, "
+                   f"{trace['bytes'] >> 20} MiB): local RBD image", "seconds", replay_local,
+                   "s", runs=samples["replay_local"]))
+    for key, label in (("replay_instant", "boot trace replay: rbd-restore instant, cold"),
+                       ("replay_ceph", "boot trace replay: Ceph raw s3 import-only")):
+        report.add(Row(label, "seconds", median(samples[key]), "s", "local RBD image",
+                       replay_local, "", samples[key]))
     data = 76 * 2**20
     report.add(Row("relocation: rbd-restore (jobs run to committed)", "seconds",
                    median(samples["reloc_ours"]), "s", "raw parallel GETs of the chunks",
