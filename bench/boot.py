@@ -42,6 +42,13 @@ def _proxy(cluster: devcluster.ClusterInfo) -> tuple[subprocess.Popen[str], str]
     return proc, f"http://127.0.0.1:{proc.stdout.readline().strip()}"
 
 
+def _rr(cluster: devcluster.ClusterInfo, env: dict[str, str], *args: str) -> None:
+    """Run an rbd-restore command that prints no JSON (abort, jobs run)."""
+    subprocess.run([sys.executable, "-m", "rbd_restore.cli", *args],
+                   env={**os.environ, **env, "RBD_RESTORE_CONFIG": str(cluster.config)},
+                   check=True, capture_output=True)
+
+
 def _boot(guest: Path, cluster: devcluster.ClusterInfo, image: str, work: Path,
           marker: str) -> float:
     vm = Vm(guest, f"rbd:volumes/{image}:conf={cluster.ceph_conf}",
@@ -120,10 +127,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                           "instant", env=cenv)["job_id"]
                 samples["replay_instant"].append(
                     replay(conf, f"volumes/{target}", trace)["seconds"])
-                subprocess.run([sys.executable, "-m", "rbd_restore.cli", "abort", job],
-                               env={**os.environ, **cenv,
-                                    "RBD_RESTORE_CONFIG": str(cluster.config)},
-                               check=True, capture_output=True)
+                _rr(cluster, cenv, "abort", job)
             finally:
                 cold.stop()
 
@@ -154,11 +158,8 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                           "instant", env=fenv)["job_id"]
                 _boot(guest, cluster, target, work, info["marker"])
                 samples["instant"].append(time.monotonic() - started)
-                secs, _ = timed(lambda fenv=fenv: subprocess.run(
-                    [sys.executable, "-m", "rbd_restore.cli", "jobs", "run", "--once",
-                     "--log-level", "warning"], env={**os.environ, **fenv,
-                                                     "RBD_RESTORE_CONFIG": str(cluster.config)},
-                    check=True, capture_output=True))
+                secs, _ = timed(lambda fenv=fenv: _rr(cluster, fenv, "jobs", "run", "--once",
+                                                      "--log-level", "warning"))
                 samples["reloc_ours"].append(secs)
                 assert cli(cluster, "status", job, env=fenv)["jobs"][0]["state"] == "committed"
                 used["ours"] = _used(cluster, target)
@@ -170,10 +171,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                           "instant", env=fenv)["job_id"]
                 _boot(guest, cluster, target, work, info["marker"])
                 samples["instant20"].append(time.monotonic() - started)
-                subprocess.run([sys.executable, "-m", "rbd_restore.cli", "abort", job],
-                               env={**os.environ, **fenv,
-                                    "RBD_RESTORE_CONFIG": str(cluster.config)},
-                               check=True, capture_output=True)
+                _rr(cluster, fenv, "abort", job)
             finally:
                 fetcher.stop()
 

@@ -48,15 +48,6 @@ class SessionBook:
         self.max_age = max_age_seconds
         self.closed: set[str] = set()
 
-    def _root(self) -> str:
-        return self.repo.keys.manifests_prefix.removesuffix("manifests/")
-
-    def _open_key(self, session_id: str) -> str:
-        return f"{self._root()}sessions/open/{session_id}.json"
-
-    def _closed_key(self, session_id: str) -> str:
-        return f"{self._root()}sessions/closed/{session_id}"
-
     def url_for(self, claim: tokens.SessionClaim) -> str:
         return f"{self.data_url}/v1/s/{tokens.sign(self.secret, claim)}/disk.qcow2"
 
@@ -83,14 +74,15 @@ class SessionBook:
         record = {"session_id": claim.session_id, "backup_id": backup_id,
                   "created": claim.created, "rate_limit": rate_limit,
                   "history": list(claim.history)}
-        self.repo.store.put(self._open_key(claim.session_id), json.dumps(record).encode())
+        self.repo.store.put(self.repo.keys.session_open(claim.session_id),
+                            json.dumps(record).encode())
         sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes,
                  "snapshots": list(claim.history)}
         return Session(claim.session_id, backup_id, claim.created, self.url_for(claim)), sizes
 
     def list(self) -> list[Session]:
         sessions = []
-        for info in self.repo.store.list_objects(f"{self._root()}sessions/open/"):
+        for info in self.repo.store.list_objects(self.repo.keys.sessions_open_prefix):
             try:
                 record = json.loads(self.repo.store.get(info.key))
                 claim = tokens.SessionClaim(str(record["session_id"]), str(record["backup_id"]),
@@ -107,11 +99,11 @@ class SessionBook:
     def close(self, session_id: str) -> None:
         if not tokens.SESSION_ID.match(session_id):
             raise UsageError(f"{session_id!r:.40} is not a session id")
-        key = self._open_key(session_id)
+        key = self.repo.keys.session_open(session_id)
         if not self.repo.store.exists(key):
             raise NotFoundError(f"session {session_id} is not open")
         # Closed marker first: from this write on, no replica serves the URL.
-        self.repo.store.put(self._closed_key(session_id),
+        self.repo.store.put(self.repo.keys.session_closed(session_id),
                             json.dumps({"closed": int(time.time())}).encode())
         self.closed.add(session_id)
         self.repo.store.delete(key)
@@ -127,14 +119,14 @@ class SessionBook:
         """Asks the bucket directly (blocking): used when a client opens the file."""
         if session_id in self.closed:
             return True
-        if self.repo.store.exists(self._closed_key(session_id)):
+        if self.repo.store.exists(self.repo.keys.session_closed(session_id)):
             self.closed.add(session_id)
             return True
         return False
 
     def refresh_closed(self) -> None:
         """Reload the closed list (blocking); prune entries whose tokens have expired anyway."""
-        prefix = f"{self._root()}sessions/closed/"
+        prefix = self.repo.keys.sessions_closed_prefix
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.max_age)
         closed, expired = set(), []
         for info in self.repo.store.list_objects(prefix):

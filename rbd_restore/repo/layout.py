@@ -44,6 +44,20 @@ class KeyLayout:
         name = key.rsplit("/", 1)[-1].removesuffix(".json")
         return name if BACKUP_ID.match(name) and key == self.manifest(name) else None
 
+    def session_open(self, session_id: str) -> str:
+        return f"{self.sessions_open_prefix}{session_id}.json"
+
+    @property
+    def sessions_open_prefix(self) -> str:
+        return f"{self._root()}sessions/open/"
+
+    def session_closed(self, session_id: str) -> str:
+        return f"{self.sessions_closed_prefix}{session_id}"
+
+    @property
+    def sessions_closed_prefix(self) -> str:
+        return f"{self._root()}sessions/closed/"
+
     def lock(self, name: str) -> str:
         return f"{self._root()}locks/{name}"
 

@@ -141,3 +141,9 @@ def test_image_ref_parse(text: str, pool: str, name: str) -> None:
 def test_image_ref_rejects(text: str) -> None:
     with pytest.raises(UsageError):
         ImageRef.parse(text)
+
+
+def test_session_keys_follow_the_prefix() -> None:
+    keys = KeyLayout("site-a")
+    assert keys.session_open("0123456789abcdef") == "site-a/sessions/open/0123456789abcdef.json"
+    assert keys.session_closed("0123456789abcdef").startswith(keys.sessions_closed_prefix)
