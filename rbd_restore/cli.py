@@ -11,6 +11,7 @@ import typer
 from rbd_restore import __version__, cli_backup, cli_jobs
 from rbd_restore.cli_dev import dev_app
 from rbd_restore.cli_fetcher import fetcher_app
+from rbd_restore.cli_profile import profile_app
 from rbd_restore.errors import UserError
 
 log = logging.getLogger("rbd_restore")
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(dev_app, name="dev")
 app.add_typer(fetcher_app, name="fetcher")
+app.add_typer(profile_app, name="profile")
 cli_backup.register(app)
 cli_jobs.register(app)
 

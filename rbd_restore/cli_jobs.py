@@ -12,7 +12,7 @@ from rbd_restore import lazy_clone
 from rbd_restore.ceph import Cluster, ImageRef
 from rbd_restore.cli_context import load_config, open_cluster, progress_bar
 from rbd_restore.config import Config
-from rbd_restore.errors import NotFoundError, UserError
+from rbd_restore.errors import NotFoundError, UnavailableError, UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs import instant
 from rbd_restore.jobs.runner import JobRunner
@@ -78,6 +78,8 @@ def _reconciled(cluster: Cluster, record: JobRecord) -> JobRecord:
             migration = lazy_clone.state(ioctx, record.image)
     except NotFoundError:
         return record.with_(state="aborted", error="the image no longer exists")
+    except UnavailableError as exc:  # say so, and still show every other job
+        return record.with_(error=exc.message)
     if migration is None:
         return record.with_(state="committed", progress=1.0)
     return record

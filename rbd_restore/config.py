@@ -67,6 +67,12 @@ class FetcherSettings:
     s3_concurrency: int = 16
     s3_stall_seconds: int = 600
     session_max_age_days: int = 30
+    prefetch_slots: int = 0  # 0: three quarters of s3_concurrency; the rest is kept for demand
+    boot_window_seconds: int = 120
+    relocation_window_min: int = 8
+    relocation_window_max: int = 64
+    cold_prefetch: str = "8M"
+    prime_sessions: int = 1  # 0: no profile, heuristic or first window when a session opens
 
     @property
     def data_url(self) -> str:

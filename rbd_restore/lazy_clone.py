@@ -74,6 +74,9 @@ def state(ioctx: Any, name: str) -> MigrationState | None:
         raise NotFoundError(f"image {name} does not exist") from None
     except rbd.InvalidArgument:
         return None
+    except rbd.Error as exc:  # librbd opens the source: a fetcher that is down, for one
+        raise UnavailableError(f"image {name}: migration status unavailable: "
+                               f"{' '.join(str(exc).split())[:160]}") from None
     return MigrationState(names.get(status["state"], "unknown"),
                           str(status.get("state_description", "")))
 
@@ -104,6 +107,11 @@ def watchers(ioctx: Any, name: str) -> list[str]:
             return [str(w.get("addr", w)) for w in image.watchers_list()]
     except rbd.ImageNotFound:
         raise NotFoundError(f"image {name} does not exist") from None
+    except rbd.Error as exc:  # librbd opens the source with the image
+        raise UnavailableError(
+            f"image {name} cannot be opened: its source (the fetcher session) is "
+            f"unreachable ({' '.join(str(exc).split())[:80]}); start a fetcher with the same "
+            "secret and try again") from None
 
 
 def abort(ioctx: Any, name: str) -> None:

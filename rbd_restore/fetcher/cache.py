@@ -5,6 +5,11 @@ temporary name and renamed, so a killed fetcher never leaves a partial chunk
 under a real name. After a restart each cached file is hashed again the first
 time it is used. However many requests want a chunk at once, it is fetched
 once (single flight).
+
+Demand reads and prefetch (``stage``) run on separate executors so a client's
+read never queues behind prefetch work for a thread. The cache remembers which
+chunks prefetch brought in and not yet served, to count them used or wasted,
+and takes eviction hints: a demoted chunk is the next to go.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from rbd_restore.repo.layout import CHUNK_ID
 
 log = logging.getLogger(__name__)
 
-Fetch = Callable[[str, int], Awaitable[bytes]]
+Fetch = Callable[[str, int, Executor], Awaitable[bytes]]
+"""Fetch and verify chunk ``chunk_id`` of ``length`` bytes, blocking work on the executor."""
 
 
 class ChunkCache:
@@ -39,6 +45,7 @@ class ChunkCache:
         self.total = 0
         self.verified: set[str] = set()
         self.in_flight: dict[str, asyncio.Future[bytes | None]] = {}
+        self.staged_unused: dict[str, str] = {}  # chunk id -> prefetch class that fetched it
         self._load()
 
     def _load(self) -> None:
@@ -62,10 +69,38 @@ class ChunkCache:
     def __contains__(self, chunk_id: str) -> bool:
         return chunk_id in self.entries
 
+    def state(self, chunk_id: str) -> str:
+        """``hit`` (cached), ``wait`` (being fetched) or ``miss``, for metrics."""
+        if chunk_id in self.entries:
+            return "hit"
+        return "wait" if chunk_id in self.in_flight else "miss"
+
+    def demote(self, chunk_id: str) -> None:
+        """Make the chunk the next eviction victim (it is not expected to be read again)."""
+        if chunk_id in self.entries:
+            self.entries.move_to_end(chunk_id, last=False)
+
+    async def stage(self, chunk_id: str, length: int, label: str, executor: Executor) -> None:
+        """Make the chunk present for a later read, on prefetch's own executor."""
+        if chunk_id in self.entries or chunk_id in self.in_flight:
+            return
+        self.staged_unused[chunk_id] = label  # a read from now on counts it used
+        try:
+            await self._ensure(chunk_id, length, executor, count_hit=False)
+        except BaseException:
+            self.staged_unused.pop(chunk_id, None)
+            raise
+        self.metrics.prefetch_bytes.labels(label).inc(length)
+        if chunk_id not in self.entries:  # too big to keep
+            self.staged_unused.pop(chunk_id, None)
+
     async def read(self, chunk_id: str, chunk_length: int, offset: int, length: int) -> bytes:
         """``length`` bytes of a verified chunk from ``offset``; zeros past its end."""
+        label = self.staged_unused.pop(chunk_id, None)
+        if label is not None:
+            self.metrics.prefetch_used_bytes.labels(label).inc(chunk_length)
         for _ in range(3):
-            fetched = await self._ensure(chunk_id, chunk_length)
+            fetched = await self._ensure(chunk_id, chunk_length, self.executor)
             if fetched is not None:
                 data = fetched[offset:offset + length]
             else:
@@ -85,11 +120,13 @@ class ChunkCache:
         finally:
             os.close(fd)
 
-    async def _ensure(self, chunk_id: str, length: int) -> bytes | None:
+    async def _ensure(self, chunk_id: str, length: int, executor: Executor,
+                      count_hit: bool = True) -> bytes | None:
         """Make the chunk present and verified; return its bytes when they are at hand."""
         if chunk_id in self.entries and chunk_id in self.verified:
             self.entries.move_to_end(chunk_id)
-            self.metrics.cache_hits.inc()
+            if count_hit:
+                self.metrics.cache_hits.inc()
             return None
         pending = self.in_flight.get(chunk_id)
         if pending is not None:
@@ -97,7 +134,7 @@ class ChunkCache:
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self.in_flight[chunk_id] = future
         try:
-            data = await self._load_or_fetch(chunk_id, length)
+            data = await self._load_or_fetch(chunk_id, length, executor)
             future.set_result(data)
             return data
         except BaseException as exc:
@@ -107,10 +144,11 @@ class ChunkCache:
         finally:
             del self.in_flight[chunk_id]
 
-    async def _load_or_fetch(self, chunk_id: str, length: int) -> bytes | None:
+    async def _load_or_fetch(self, chunk_id: str, length: int,
+                             executor: Executor) -> bytes | None:
         loop = asyncio.get_running_loop()
         if chunk_id in self.entries:  # cached before a restart: hash it once
-            ok = await loop.run_in_executor(self.executor, self._file_matches, chunk_id)
+            ok = await loop.run_in_executor(executor, self._file_matches, chunk_id)
             if ok:
                 self.verified.add(chunk_id)
                 self.entries.move_to_end(chunk_id)
@@ -120,9 +158,9 @@ class ChunkCache:
             self.metrics.checksum_failures.inc()
             self._forget(chunk_id)
         self.metrics.cache_misses.inc()
-        data = await self.fetch(chunk_id, length)
+        data = await self.fetch(chunk_id, length, executor)
         if len(data) <= self.max_bytes:
-            await loop.run_in_executor(self.executor, self._write, chunk_id, data)
+            await loop.run_in_executor(executor, self._write, chunk_id, data)
             self.entries[chunk_id] = len(data)
             self.total += len(data)
             self.verified.add(chunk_id)
@@ -162,5 +200,8 @@ class ChunkCache:
                     break
                 self.entries.move_to_end(victim)
                 continue
+            label = self.staged_unused.pop(victim, None)
+            if label is not None:
+                self.metrics.prefetch_wasted_bytes.labels(label).inc(self.entries[victim])
             self._forget(victim)
             self.metrics.cache_evictions.inc()

@@ -38,5 +38,45 @@ class FetcherMetrics:
                                   registry=r)
         self.checksum_failures = Counter("rbd_restore_fetcher_checksum_failures",
                                          "Chunks that failed their SHA-256 check", registry=r)
+        self.reads = Counter("rbd_restore_fetcher_chunk_reads",
+                             "Chunk pieces read by clients, by reader (guest or relocation) and "
+                             "whether the chunk was cached (hit), being fetched (wait) or not "
+                             "(miss)", ["reader", "result"], registry=r)
+        self.demand_read_seconds = Histogram(
+            "rbd_restore_fetcher_demand_read_seconds",
+            "Guest read latency, request to last byte: what the VM feels",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.relocation_read_seconds = Histogram(
+            "rbd_restore_fetcher_relocation_read_seconds",
+            "Relocation read latency, request to last byte", buckets=LATENCY_BUCKETS,
+            registry=r)
+        self.prefetch_bytes = Counter("rbd_restore_fetcher_prefetch_bytes",
+                                      "Bytes staged by prefetch, by class", ["class"],
+                                      registry=r)
+        self.prefetch_used_bytes = Counter("rbd_restore_fetcher_prefetch_used_bytes",
+                                           "Prefetched bytes a client then read", ["class"],
+                                           registry=r)
+        self.prefetch_wasted_bytes = Counter("rbd_restore_fetcher_prefetch_wasted_bytes",
+                                             "Prefetched bytes evicted before any read",
+                                             ["class"], registry=r)
+        self.prefetch_queued = Gauge("rbd_restore_fetcher_prefetch_queued",
+                                     "Chunks waiting in the prefetch queue", ["class"],
+                                     registry=r)
+        self.profile_sessions = Counter("rbd_restore_fetcher_profile_sessions",
+                                        "Sessions opened, by how they were primed: profile "
+                                        "or heuristic", ["primed_by"], registry=r)
+        self.profile_chunks = Counter("rbd_restore_fetcher_profile_chunks",
+                                      "Chunks queued from boot profiles", registry=r)
+        self.demand_chunks = Counter("rbd_restore_fetcher_demand_chunks",
+                                     "Distinct chunks each session's guest read", registry=r)
+        self.profile_covered_chunks = Counter(
+            "rbd_restore_fetcher_profile_covered_chunks",
+            "Of those, chunks the session's profile listed (coverage = this / demand_chunks)",
+            registry=r)
+        self.profiles_saved = Counter("rbd_restore_fetcher_profiles_saved",
+                                      "Boot profiles merged and saved to the bucket", registry=r)
+        self.relocation_window = Gauge("rbd_restore_fetcher_relocation_window_chunks",
+                                       "Chunks kept staged ahead of the relocation front",
+                                       registry=r)
         self.sessions_open = Gauge("rbd_restore_fetcher_sessions_open",
                                    "Sessions created and not closed", registry=r)

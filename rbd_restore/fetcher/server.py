@@ -35,6 +35,8 @@ from rbd_restore.fetcher.metrics import FetcherMetrics
 from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from rbd_restore.fetcher.sessions import SessionBook
 from rbd_restore.fetcher.source import S3ChunkSource
+from rbd_restore.prefetch.coordinator import Prefetcher, PrefetchSettings
+from rbd_restore.prefetch.profiles import ProfileStore
 from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Qcow2View, Segment
 from rbd_restore.repo.repository import Repository
 from rbd_restore.repo.store import ObjectStore
@@ -47,8 +49,7 @@ WINDOW = 64 << 20  # a reply is assembled at most this much at a time
 IDLE_SECONDS = 24 * 3600  # librbd keeps one connection per open image: never cut it short
 CLOSED_REFRESH_SECONDS = 2.0
 VIEWS_KEPT = 32
-READAHEAD_CHUNKS = 16
-SESSIONS_TRACKED = 4096  # sessions whose read-ahead and pacing state is kept (LRU)
+SESSIONS_TRACKED = 4096  # sessions whose pacing state is kept (LRU)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ class FetcherService:
         secret = require(fc.secret, "fetcher.secret").encode()
         data_url = fc.public_url.rstrip("/") if fc.public_url else f"http://{self.listeners.data}"
         self.metrics = FetcherMetrics()
+        prefetch = prefetch_settings(cfg)
         self.executor = ThreadPoolExecutor(fc.s3_concurrency + 4, thread_name_prefix="fetcher")
+        self.prefetch_executor = ThreadPoolExecutor(prefetch.slots, thread_name_prefix="prefetch")
         self.repo = Repository(ObjectStore(cfg.s3, max_connections=fc.s3_concurrency + 8),
                                cfg.s3.prefix)
         self.source = S3ChunkSource(self.repo, self.executor, self.metrics, fc.s3_stall_seconds)
@@ -87,13 +90,13 @@ class FetcherService:
                                 self.source.fetch, self.executor, self.metrics)
         self.book = SessionBook(self.repo, secret, data_url,
                                 fc.session_max_age_days * 86400.0)
+        self.prefetch = Prefetcher(self.cache, ProfileStore(self.repo), self.metrics, prefetch,
+                                   self.blocking, self.prefetch_executor)
+        self.source.on_fetched = self.prefetch.fetched
         self.views: OrderedDict[tuple[str, ...], Qcow2View] = OrderedDict()
         self.view_loads: dict[tuple[str, ...], asyncio.Task[Qcow2View]] = {}
-        # Read-ahead leaves a quarter of the S3 concurrency to demand reads.
-        self.readahead_slots = asyncio.Semaphore(max(1, fc.s3_concurrency * 3 // 4))
-        self.readahead_tasks: set[asyncio.Task[None]] = set()
-        self.last_unique: dict[str, int] = {}
         self.paced_until: dict[str, float] = {}
+        self.background: set[asyncio.Task[None]] = set()
 
     async def blocking(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
@@ -130,7 +133,12 @@ class FetcherService:
         response = await self._data(request)
         self.metrics.requests.labels(request.method, str(response.status)).inc()
         if request.method == "GET" and response.status in (200, 206):
-            self.metrics.read_seconds.observe(time.monotonic() - started)
+            seconds = time.monotonic() - started
+            self.metrics.read_seconds.observe(seconds)
+            by_reader = (self.metrics.relocation_read_seconds
+                         if request.get("reader") == "relocation"
+                         else self.metrics.demand_read_seconds)
+            by_reader.observe(seconds)
         return response
 
     async def _data(self, request: web.Request) -> web.StreamResponse:
@@ -168,11 +176,16 @@ class FetcherService:
         if status == 206:
             headers["Content-Range"] = wanted.content_range(view.size)
         first_end = min(wanted.end, wanted.start + WINDOW)
-        self._read_ahead(claim.session_id, view, wanted)
-        if claim.rate_limit and wanted.length >= view.cluster_size:
+        segments = list(view.segments(wanted.start, first_end))
+        prefetch = self.prefetch.session(claim.session_id, claim.created, view)
+        plan = self.prefetch.plan(prefetch, wanted.start, wanted.end, segments)
+        request["reader"] = plan.reader
+        for piece in plan.slices:
+            self.metrics.reads.labels(plan.reader, self.cache.state(piece.chunk_id)).inc()
+        if claim.rate_limit and plan.reader == "relocation":
             await self._throttle(claim.session_id, claim.rate_limit, wanted.length)
         try:
-            first = await self._assemble(view, wanted.start, first_end)
+            first = await self._assemble(segments)
         except UserError as exc:
             return self._failed(exc, claim.session_id)
         response = web.StreamResponse(status=status, headers=headers)
@@ -183,16 +196,17 @@ class FetcherService:
         position = first_end
         while position < wanted.end:  # only whole-file or huge ranges get here
             end = min(wanted.end, position + WINDOW)
-            block = await self._assemble(view, position, end)  # a failure drops the connection
+            # A failure here drops the connection: the status line is already sent.
+            block = await self._assemble(list(view.segments(position, end)))
             await response.write(block)
             self.metrics.bytes_served.inc(len(block))
             position = end
         await response.write_eof()
+        self.prefetch.served(plan)
         return response
 
-    async def _assemble(self, view: Qcow2View, start: int, end: int) -> bytes:
-        pieces: list[Awaitable[bytes]] = [self._segment_bytes(s) for s in
-                                          view.segments(start, end)]
+    async def _assemble(self, segments: list[Segment]) -> bytes:
+        pieces: list[Awaitable[bytes]] = [self._segment_bytes(s) for s in segments]
         return b"".join(await asyncio.gather(*pieces))
 
     async def _segment_bytes(self, segment: Segment) -> bytes:
@@ -216,40 +230,6 @@ class FetcherService:
             del self.paced_until[next(iter(self.paced_until))]
         if start > now:
             await asyncio.sleep(start - now)
-
-    def _read_ahead(self, session_id: str, view: Qcow2View, wanted: ByteRange) -> None:
-        """On reads that walk the data clusters in order, stage the next chunks.
-
-        librbd pipelines its reads on one connection and they are answered one by
-        one, so without this a sequential reader (the relocation) would wait for
-        one S3 round trip per chunk.
-        """
-        touched = [s.unique for s in view.segments(wanted.start, min(wanted.end,
-                   wanted.start + view.cluster_size)) if isinstance(s, ChunkSlice)]
-        if not touched:
-            return
-        current = touched[-1]
-        previous = self.last_unique.pop(session_id, None)
-        self.last_unique[session_id] = current  # re-inserted: dict order is recency
-        if len(self.last_unique) > SESSIONS_TRACKED:
-            del self.last_unique[next(iter(self.last_unique))]
-        if previous is None or not 0 <= current - previous <= 1:
-            return
-        for unique in range(current + 1, min(current + 1 + READAHEAD_CHUNKS,
-                                             len(view.unique_ids))):
-            cid = view.unique_ids[unique]
-            if cid in self.cache or cid in self.cache.in_flight:
-                continue
-            task = asyncio.ensure_future(self._stage(cid, view.unique_lengths[unique]))
-            self.readahead_tasks.add(task)
-            task.add_done_callback(self.readahead_tasks.discard)
-
-    async def _stage(self, chunk_id: str, length: int) -> None:
-        async with self.readahead_slots:
-            try:
-                await self.cache.read(chunk_id, length, 0, 0)
-            except UserError as exc:  # the demand read will meet and report it
-                log.info("read-ahead failed", extra={"chunk": chunk_id, "reason": exc.message})
 
     def _failed(self, exc: UserError, session_id: str) -> web.Response:
         status = 503 if isinstance(exc, UnavailableError) else 500
@@ -298,8 +278,29 @@ class FetcherService:
                                              numbers["history"])
         log.info("session created", extra={"session": session.session_id,
                                             "backup": backup_id})
+        # Prime the cache now, before any client opens the image.
+        task = asyncio.ensure_future(self._prime(session.session_id, session.created,
+                                                 backup_id, tuple(sizes["snapshots"])))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
         await self._count_sessions()
         return web.json_response({**session.as_json(), **sizes}, status=201)
+
+    async def _prime(self, session_id: str, created: int, backup_id: str,
+                     history: tuple[str, ...]) -> None:
+        try:
+            view = await self.view(backup_id, history)
+        except UserError as exc:
+            log.warning("session not primed", extra={"session": session_id,
+                                                     "reason": exc.message})
+            return
+        self.prefetch.session(session_id, created, view)
+
+    async def session_prefetch(self, request: web.Request) -> web.Response:
+        described = self.prefetch.describe(request.match_info["session_id"])
+        if described is None:
+            raise NotFoundError("no prefetch state for this session on this fetcher")
+        return web.json_response(described)
 
     async def list_sessions(self, _request: web.Request) -> web.Response:
         sessions = await self.blocking(self.book.list)
@@ -310,6 +311,7 @@ class FetcherService:
         session_id = request.match_info["session_id"]
         await self.blocking(self.book.close, session_id)
         log.info("session closed", extra={"session": session_id})
+        await self.prefetch.close(session_id)
         await self._count_sessions()
         return web.json_response({"closed": session_id})
 
@@ -330,6 +332,7 @@ class FetcherService:
         control.router.add_post("/v1/sessions", self.create_session)
         control.router.add_get("/v1/sessions", self.list_sessions)
         control.router.add_delete("/v1/sessions/{session_id}", self.close_session)
+        control.router.add_get("/v1/sessions/{session_id}/prefetch", self.session_prefetch)
         metrics = web.Application()
         metrics.router.add_get("/metrics", self.handle_metrics)
         return data, control, metrics
@@ -356,6 +359,7 @@ class FetcherService:
                 raise UnavailableError(f"cannot listen on {listen}: {exc.strerror}") from None
             runners.append(runner)
         refresher = asyncio.ensure_future(self.refresh_closed_forever())
+        self.prefetch.start()
         log.info("fetcher serving", extra={"data": self.listeners.data,
                                            "control": self.listeners.control,
                                            "metrics": self.listeners.metrics})
@@ -365,9 +369,30 @@ class FetcherService:
             await asyncio.Event().wait()
         finally:
             refresher.cancel()
+            await self.prefetch.stop()
             for runner in runners:
                 await runner.cleanup()
             self.executor.shutdown(wait=False, cancel_futures=True)
+            self.prefetch_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def prefetch_settings(cfg: Config) -> PrefetchSettings:
+    fc = cfg.fetcher
+    if fc.s3_concurrency < 2:
+        raise UsageError("fetcher.s3_concurrency must be at least 2: one for demand, "
+                         "one for prefetch")
+    slots = fc.prefetch_slots or max(1, fc.s3_concurrency * 3 // 4)
+    if not 1 <= slots < fc.s3_concurrency:
+        raise UsageError("fetcher.prefetch_slots must be between 1 and s3_concurrency - 1, "
+                         "so some S3 capacity is always kept for demand reads")
+    for name in ("boot_window_seconds", "relocation_window_min", "relocation_window_max"):
+        if getattr(fc, name) < 1:
+            raise UsageError(f"fetcher.{name} must be at least 1")
+    return PrefetchSettings(slots, float(fc.boot_window_seconds), fc.relocation_window_min,
+                            fc.relocation_window_max,
+                            0 if fc.cold_prefetch.strip() == "0"
+                            else parse_size(fc.cold_prefetch, "fetcher.cold_prefetch"),
+                            fc.prime_sessions != 0)
 
 
 def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:

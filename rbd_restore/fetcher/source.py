@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from rbd_restore.errors import IntegrityError, UnavailableError
@@ -32,25 +33,32 @@ class S3ChunkSource:
         self.executor = executor
         self.metrics = metrics
         self.stall_seconds = stall_seconds
+        self.on_fetched: Callable[[int, float], None] | None = None  # (bytes, seconds)
 
     def _get(self, chunk_id: str) -> bytes:
         started = time.monotonic()
         stored = self.repo.store.get(self.repo.keys.chunk(chunk_id))
+        seconds = time.monotonic() - started
         self.metrics.s3_gets.inc()
         self.metrics.s3_bytes.inc(len(stored))
-        self.metrics.s3_seconds.observe(time.monotonic() - started)
+        self.metrics.s3_seconds.observe(seconds)
         return stored
 
-    async def fetch(self, chunk_id: str, length: int) -> bytes:
+    async def fetch(self, chunk_id: str, length: int, executor: Executor | None = None) -> bytes:
         loop = asyncio.get_running_loop()
+        executor = executor or self.executor
+        started = time.monotonic()
         deadline = time.monotonic() + self.stall_seconds
         bad_checksums = 0
         delay = 0.2
         while True:
             try:
-                stored = await loop.run_in_executor(self.executor, self._get, chunk_id)
-                return await loop.run_in_executor(
-                    self.executor, chunk_codec.decode_chunk, chunk_id, stored, length)
+                stored = await loop.run_in_executor(executor, self._get, chunk_id)
+                data = await loop.run_in_executor(
+                    executor, chunk_codec.decode_chunk, chunk_id, stored, length)
+                if self.on_fetched is not None:
+                    self.on_fetched(len(stored), time.monotonic() - started)
+                return data
             except ObjectMissing:
                 log.error("chunk %s is missing from the bucket", chunk_id)
                 raise

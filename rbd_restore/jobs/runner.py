@@ -22,7 +22,7 @@ from typing import Any
 
 from rbd_restore import lazy_clone
 from rbd_restore.ceph import Cluster
-from rbd_restore.errors import NotFoundError, UserError
+from rbd_restore.errors import NotFoundError, UnavailableError, UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs.store import ACTIVE, JOBS_OBJECT, JobRecord, JobStore
 from rbd_restore.periodic import every
@@ -109,6 +109,8 @@ class JobRunner:
                     self.store.save(record)
                     self._close_session(record)
                     return record
+                except UnavailableError:
+                    migration = lazy_clone.MigrationState("unknown", "")  # retried below
                 if migration is None:  # committed, by us earlier or by hand
                     record = record.with_(state="committed", progress=1.0, error="")
                     break

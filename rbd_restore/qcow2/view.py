@@ -24,7 +24,7 @@ import struct
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from rbd_restore.repo.manifest import Manifest
 
@@ -159,6 +159,22 @@ class Qcow2View:
             self.unique_refs[unique] += 1
             used.add(index * self.clusters_per_chunk // self.l2_entries)
         return _Layer(manifest, unique_of_chunk, l1_size, sorted(used))
+
+    @cached_property
+    def head_chunk_of_unique(self) -> array[int]:
+        """For each unique, the first chunk index of the active image using it, or -1
+        (used only by older backups): how reads of the file map back to the disk."""
+        first = array("q", [-1]) * len(self.unique_ids)
+        for index in range(len(self.layers[0].unique_of_chunk) - 1, -1, -1):
+            unique = self.layers[0].unique_of_chunk[index]
+            if unique >= 0:
+                first[unique] = index
+        return first
+
+    def unique_of_head_chunk(self, index: int) -> int:
+        """The unique holding chunk ``index`` of the active image, or -1 (zero or outside)."""
+        chunks = self.layers[0].unique_of_chunk
+        return chunks[index] if 0 <= index < len(chunks) else -1
 
     # Metadata, generated on demand
 

@@ -58,6 +58,13 @@ class KeyLayout:
     def sessions_closed_prefix(self) -> str:
         return f"{self._root()}sessions/closed/"
 
+    def profile(self, fsid: str, image_id: str) -> str:
+        return f"{self.profiles_prefix}{fsid}/{image_id}.json"
+
+    @property
+    def profiles_prefix(self) -> str:
+        return f"{self._root()}profiles/"
+
     def lock(self, name: str) -> str:
         return f"{self._root()}locks/{name}"
 

@@ -329,13 +329,23 @@ def test_cache_survives_restart_and_sigkill_keeps_bytes_correct(
     assert fetcher.metrics()["rbd_restore_fetcher_cache_hits_total"] > 0
 
 
-def test_one_s3_get_per_chunk_however_many_readers(fetcher: FetcherProcess,
-                                                   backup: dict[str, Any]) -> None:
-    url = fetcher.create_session(backup["backup_id"])["url"]
+def test_one_s3_get_per_chunk_however_many_readers(cluster: devcluster.ClusterInfo,
+                                                   backup: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    fetcher = FetcherProcess(cluster, tmp_path / "cache", backup["prefix"],
+                             {"RBD_RESTORE_FETCHER_PRIME_SESSIONS": "0"})
+    fetcher.start()
+    try:
+        url = fetcher.create_session(backup["backup_id"])["url"]
+        _twelve_readers_one_get(fetcher, url)
+    finally:
+        fetcher.stop()
+
+
+def _twelve_readers_one_get(fetcher: FetcherProcess, url: str) -> None:
     size = int(request(url, "HEAD")[1]["content-length"])
     before = fetcher.metrics().get("rbd_restore_fetcher_s3_gets_total", 0)
-    # Twelve clients ask for slices of the same cold chunk at once: the last one, whose
-    # data cluster ends the file, so no read-ahead follows it.
+    # Twelve guest-sized reads of the same cold chunk at once (sessions are not primed).
     start = size - 2 * MiB
     results: list[tuple[int, bytes]] = []
 

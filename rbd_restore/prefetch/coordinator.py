@@ -1,0 +1,277 @@
+"""Prefetch for the fetcher: per-session state tying reads to profiles and the relocation.
+
+For each session the fetcher serves, the coordinator
+- primes the cache when the session opens: the volume's boot profile in
+  first-read order, or the heuristic when it has none, then the relocation's
+  first window (the relocation starts at the first object);
+- sorts each read: one that continues a recent one in file order is the
+  relocation (or a copy-up, or a guest reading a file straight through),
+  anything else is the guest;
+- records the guest's first touches and saves them as the volume's profile
+  when the boot window ends or the session closes;
+- keeps the relocation window staged, and demotes chunks the relocation has
+  copied that no open session's profile lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from rbd_restore.errors import UserError
+from rbd_restore.fetcher.cache import ChunkCache
+from rbd_restore.fetcher.metrics import FetcherMetrics
+from rbd_restore.prefetch.profiles import (
+    BootRecorder,
+    ProfileStore,
+    VolumeKey,
+    heuristic_chunks,
+    partition_starts,
+)
+from rbd_restore.prefetch.relocation import RateMeter, RelocationFollower, SequentialDetector
+from rbd_restore.prefetch.scheduler import PrefetchClass, PrefetchScheduler
+from rbd_restore.qcow2.view import ChunkSlice, Qcow2View, Segment
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Blocking = Callable[..., Awaitable[Any]]
+
+PARTITION_TABLE_BYTES = 34 * 512  # MBR, GPT header and 128 GPT entries
+SESSIONS_TRACKED = 4096
+
+
+@dataclass(frozen=True)
+class PrefetchSettings:
+    slots: int
+    boot_window_seconds: float = 120.0
+    relocation_window_min: int = 8
+    relocation_window_max: int = 64
+    cold_head_bytes: int = 8 << 20
+    prime: bool = True
+
+
+@dataclass
+class ReadPlan:
+    reader: str  # "guest" or "relocation"
+    slices: list[ChunkSlice]
+    whole: list[int] = field(default_factory=list)  # uniques read in full
+
+
+class SessionPrefetch:
+    def __init__(self, session_id: str, view: Qcow2View, opened_at: float,
+                 settings: PrefetchSettings, cache_bytes: int) -> None:
+        self.session_id = session_id
+        self.view = view
+        try:
+            self.volume: VolumeKey | None = VolumeKey.of(view.manifest)
+        except UserError:
+            self.volume = None
+        self.recorder = BootRecorder(opened_at, settings.boot_window_seconds)
+        fits = max(1, cache_bytes // (4 * view.manifest.chunk_size))
+        self.follower = RelocationFollower(len(view.unique_ids), settings.prime,
+                                           min(settings.relocation_window_min, fits),
+                                           min(settings.relocation_window_max, fits))
+        self.detector = SequentialDetector()
+        self.profile_ids: set[str] = set()
+        self.primed_by = ""
+        self.demanded: set[int] = set()
+        self.covered = 0
+        self.saved = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "primed_by": self.primed_by,
+                "profile_chunks": len(self.profile_ids), "demand_chunks": len(self.demanded),
+                "profile_covered_chunks": self.covered,
+                "recorded_chunks": len(self.recorder.first_touch),
+                "profile_saved": self.saved, "relocation_front": self.follower.front,
+                "relocation_reads": self.follower.reads,
+                "unique_chunks": len(self.view.unique_ids)}
+
+
+class Prefetcher:
+    def __init__(self, cache: ChunkCache, profiles: ProfileStore, metrics: FetcherMetrics,
+                 settings: PrefetchSettings, blocking: Blocking, executor: Executor) -> None:
+        self.cache = cache
+        self.profiles = profiles
+        self.metrics = metrics
+        self.settings = settings
+        self.blocking = blocking
+        self.executor = executor
+        self.scheduler = PrefetchScheduler(self._stage, settings.slots, cache.__contains__)
+        self.meter = RateMeter()
+        self.sessions: OrderedDict[str, SessionPrefetch] = OrderedDict()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.scheduler.stop()
+
+    def fetched(self, nbytes: int, seconds: float) -> None:
+        self.meter.add(nbytes, seconds)
+
+    async def _stage(self, chunk_id: str, length: int, klass: PrefetchClass) -> None:
+        await self.cache.stage(chunk_id, length, klass.label, self.executor)
+        self._count_queued()
+
+    def _count_queued(self) -> None:
+        for klass in PrefetchClass:
+            self.metrics.prefetch_queued.labels(klass.label).set(self.scheduler.pending(klass))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # Sessions
+
+    def session(self, session_id: str, opened_at: float, view: Qcow2View) -> SessionPrefetch:
+        """The session's state; the first call primes the cache for it."""
+        state = self.sessions.get(session_id)
+        if state is not None:
+            self.sessions.move_to_end(session_id)
+            return state
+        state = SessionPrefetch(session_id, view, opened_at, self.settings,
+                                self.cache.max_bytes)
+        self.sessions[session_id] = state
+        if len(self.sessions) > SESSIONS_TRACKED:
+            self.sessions.popitem(last=False)
+        if self.settings.prime:
+            self._spawn(self._prime(state))
+        self._spawn(self._save_after_window(state))
+        return state
+
+    def describe(self, session_id: str) -> dict[str, Any] | None:
+        state = self.sessions.get(session_id)
+        if state is None:
+            return None
+        staged = sum(1 for chunk_id in state.profile_ids if chunk_id in self.cache)
+        return {**state.as_json(), "profile_staged": staged}
+
+    async def close(self, session_id: str) -> None:
+        state = self.sessions.pop(session_id, None)
+        if state is None:
+            return
+        self.scheduler.withdraw(PrefetchClass.PROFILE, state.profile_ids)
+        await self._save(state)
+
+    async def _prime(self, state: SessionPrefetch) -> None:
+        view = state.view
+        profile = None
+        if state.volume is not None:
+            try:
+                profile = await self.blocking(self.profiles.load, state.volume)
+            except UserError as exc:
+                log.warning("profile not loaded", extra={"session": state.session_id,
+                                                         "reason": exc.message})
+        if profile and profile.entries and profile.chunk_size == view.manifest.chunk_size:
+            chunks, state.primed_by = profile.chunks(), "profile"
+        else:
+            chunks, state.primed_by = await self._heuristic(view), "heuristic"
+        uniques = [u for u in map(view.unique_of_head_chunk, chunks) if u >= 0]
+        state.profile_ids = {view.unique_ids[u] for u in uniques}
+        self.scheduler.submit(PrefetchClass.PROFILE,
+                              [(view.unique_ids[u], view.unique_lengths[u]) for u in uniques])
+        self.metrics.profile_sessions.labels(state.primed_by).inc()
+        if profile is not None:
+            self.metrics.profile_chunks.inc(len(uniques))
+        self._follow(state)
+        self._count_queued()
+
+    async def _heuristic(self, view: Qcow2View) -> list[int]:
+        starts: list[int] = []
+        first = view.unique_of_head_chunk(0)
+        if first >= 0:
+            try:
+                head = await self.cache.read(view.unique_ids[first], view.unique_lengths[first],
+                                             0, PARTITION_TABLE_BYTES)
+                starts = partition_starts(head)
+            except UserError:
+                pass  # the guest's own read will meet the failure and report it
+        return heuristic_chunks(view.manifest, self.settings.cold_head_bytes, starts)
+
+    async def _save_after_window(self, state: SessionPrefetch) -> None:
+        await asyncio.sleep(max(0.0, state.recorder.opened_at + state.recorder.window_seconds
+                                - time.time()))
+        await self._save(state)
+
+    async def _save(self, state: SessionPrefetch) -> None:
+        if state.saved:
+            return
+        state.saved = True
+        reads = state.recorder.finish()
+        if not reads or state.volume is None:
+            return  # a session the guest never read from (relocation only) teaches nothing
+        try:
+            profile = await self.blocking(self.profiles.record_boot, state.volume,
+                                          state.view.manifest.chunk_size, reads)
+        except UserError as exc:
+            log.warning("profile not saved", extra={"session": state.session_id,
+                                                    "reason": exc.message})
+            return
+        self.metrics.profiles_saved.inc()
+        log.info("profile saved", extra={"session": state.session_id, "chunks_read": len(reads),
+                                         "profile_chunks": len(profile.entries),
+                                         "boots": profile.boots})
+
+    # Reads
+
+    def plan(self, state: SessionPrefetch, start: int, end: int,
+             segments: list[Segment]) -> ReadPlan:
+        """Sort a read, and learn from it: record the guest, follow the relocation."""
+        view = state.view
+        slices = [s for s in segments if isinstance(s, ChunkSlice)]
+        if not slices:
+            return ReadPlan("guest", [])  # qcow2 metadata
+        size = view.cluster_size
+        clusters = range(max(0, start // size - view.data_start),
+                         (end - 1) // size - view.data_start + 1)
+        if state.detector.sequential(clusters):
+            state.follower.observe([s.unique for s in slices])
+            self._follow(state)
+            # Chunks read to their end are in the destination now.
+            whole = [s.unique for s in slices
+                     if s.offset + s.length >= view.unique_clusters[s.unique] * size]
+            return ReadPlan("relocation", slices, whole)
+        now = time.time()
+        for piece in slices:
+            unique = piece.unique
+            chunk = view.head_chunk_of_unique[unique]
+            if chunk >= 0 and not state.recorder.record(chunk, now) and not state.saved:
+                self._spawn(self._save(state))
+            if unique not in state.demanded:
+                state.demanded.add(unique)
+                self.metrics.demand_chunks.inc()
+                if piece.chunk_id in state.profile_ids:
+                    state.covered += 1
+                    self.metrics.profile_covered_chunks.inc()
+        return ReadPlan("guest", slices)
+
+    def served(self, plan: ReadPlan) -> None:
+        """After a relocation read: what it copied goes first when space runs out."""
+        if plan.reader != "relocation":
+            return
+        for piece in plan.slices:
+            if piece.unique in plan.whole and not any(
+                    piece.chunk_id in s.profile_ids for s in self.sessions.values()):
+                self.cache.demote(piece.chunk_id)
+
+    def _follow(self, state: SessionPrefetch) -> None:
+        view = state.view
+        window = state.follower.window(self.meter, view.manifest.chunk_size,
+                                       self.scheduler.slots)
+        self.metrics.relocation_window.set(window)
+        ahead = state.follower.ahead(window)
+        if ahead:
+            self.scheduler.submit(PrefetchClass.RELOCATION,
+                                  [(view.unique_ids[u], view.unique_lengths[u]) for u in ahead])

@@ -1,0 +1,168 @@
+"""Prefetch on the real cluster and RGW: a recorded profile replayed, a relocation followed."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rbd
+
+from rbd_restore import devcluster
+from rbd_restore.ceph import remove_image
+from tests.support.fetcher_proc import FetcherProcess
+from tests.support.helpers import Cli, export_digest
+
+MiB = 1 << 20
+CHUNK = MiB
+DATA = 192 * MiB  # 192 chunks of random data, then zeros
+
+
+@pytest.fixture(scope="module")
+def volume(cluster: devcluster.ClusterInfo, rados_cluster: Any) -> Iterator[dict[str, Any]]:
+    prefix = f"prefetch-{uuid.uuid4().hex[:8]}/"
+    name = f"pf-src-{uuid.uuid4().hex[:8]}"
+    rng = random.Random(6)
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        rbd.RBD().create(ioctx, name, 512 * MiB, old_format=False)
+        with rbd.Image(ioctx, name) as image:
+            for offset in range(0, DATA, 16 * MiB):
+                image.write(rng.randbytes(16 * MiB), offset)
+        backup = Cli(cluster, prefix, {}).json("backup", f"volumes/{name}", "--chunk-size",
+                                               "1M")
+        try:
+            yield {"prefix": prefix, "name": name, "backup_id": backup["backup_id"]}
+        finally:
+            remove_image(ioctx, name)
+
+
+def fetcher_for(cluster: devcluster.ClusterInfo, volume: dict[str, Any], cache: Path,
+                **settings: str) -> FetcherProcess:
+    proc = FetcherProcess(cluster, cache, volume["prefix"],
+                          {f"RBD_RESTORE_FETCHER_{k.upper()}": v for k, v in settings.items()})
+    proc.start()
+    return proc
+
+
+def counts(fetcher: FetcherProcess, *readers: str) -> dict[str, float]:
+    metrics = fetcher.metrics()
+    return {result: sum(metrics.get(f'rbd_restore_fetcher_chunk_reads_total{{reader="{reader}",'
+                                    f'result="{result}"}}', 0.0) for reader in readers)
+            for result in ("hit", "wait", "miss")}
+
+
+def instant(cli: Cli, volume: dict[str, Any], target: str) -> tuple[str, str]:
+    job = cli.json("restore", volume["backup_id"], f"volumes/{target}", "--mode", "instant")
+    record = cli.json("status", job["job_id"])["jobs"][0]
+    return job["job_id"], record["session_id"]
+
+
+def boot_like_reads(rng: random.Random) -> list[tuple[int, int]]:
+    """Small reads scattered over the data, as a booting guest makes them."""
+    reads = []
+    for _ in range(60):
+        length = rng.choice((4096, 16384, 65536))
+        reads.append((rng.randrange(8 * MiB, DATA - length) // 4096 * 4096, length))
+    return reads
+
+
+def replay(ioctx: Any, target: str, reads: list[tuple[int, int]],
+           source: rbd.Image) -> None:
+    with rbd.Image(ioctx, target, read_only=True) as image:
+        for offset, length in reads:
+            assert image.read(offset, length) == source.read(offset, length)
+
+
+def test_profile_recorded_then_replayed_from_the_cache(
+        cluster: devcluster.ClusterInfo, rados_cluster: Any, volume: dict[str, Any],
+        tmp_path: Path) -> None:
+    reads = boot_like_reads(random.Random(11))
+    first_touch: list[int] = []
+    for offset, length in reads:
+        for chunk in range(offset // CHUNK, (offset + length - 1) // CHUNK + 1):
+            if chunk not in first_touch:
+                first_touch.append(chunk)
+    # No heuristic and a one-chunk first window: only the profile can make these hits.
+    quiet = {"cold_prefetch": "0", "relocation_window_min": "1"}
+    with rados_cluster.open_ioctx("volumes") as ioctx, \
+            rbd.Image(ioctx, volume["name"], read_only=True) as source:
+        recorder = fetcher_for(cluster, volume, tmp_path / "first", **quiet)
+        try:
+            cli = Cli(cluster, volume["prefix"], recorder.env_overrides)
+            job, _ = instant(cli, volume, target := f"pf-a-{uuid.uuid4().hex[:6]}")
+            try:
+                replay(ioctx, target, reads, source)
+            finally:
+                cli.run("abort", job).check_returncode()  # closes the session: profile saved
+        finally:
+            recorder.stop()
+        profile = cli.json("profile", "show", f"volumes/{volume['name']}")
+        assert profile["boots"] == 1
+        recorded = [e["chunk"] for e in profile["entries"]]
+        # In first-read order; a read that happens to continue a recent one is taken
+        # for a sequential walk and left to the relocation follower instead.
+        assert recorded == [c for c in first_touch if c in set(recorded)]
+        assert len(recorded) >= 0.85 * len(first_touch)
+
+        replayer = fetcher_for(cluster, volume, tmp_path / "second", **quiet)
+        try:
+            cli = Cli(cluster, volume["prefix"], replayer.env_overrides)
+            job, session = instant(cli, volume, target := f"pf-b-{uuid.uuid4().hex[:6]}")
+            try:
+                state = wait_for_profile(replayer, session, len(recorded))
+                assert state["primed_by"] == "profile"
+                before = counts(replayer, "guest", "relocation")
+                replay(ioctx, target, reads, source)
+                after = counts(replayer, "guest", "relocation")
+            finally:
+                cli.run("abort", job).check_returncode()
+        finally:
+            replayer.stop()
+    done = {k: after[k] - before[k] for k in after}
+    # librbd keeps the last cluster it read: a read in the same cluster stays in QEMU.
+    assert sum(done.values()) >= 0.8 * len(first_touch)
+    assert done["hit"] / sum(done.values()) >= 0.9, done
+    merged = cli.json("profile", "show", f"volumes/{volume['name']}")
+    assert merged["boots"] == 2
+    cli.run("profile", "clear", f"volumes/{volume['name']}").check_returncode()
+    assert "no boot profile" in cli.fails("profile", "show", f"volumes/{volume['name']}")
+
+
+def wait_for_profile(fetcher: FetcherProcess, session: str, chunks: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        status, state = fetcher.control("GET", f"/v1/sessions/{session}/prefetch")
+        if status == 200 and state["profile_staged"] >= chunks:
+            return dict(state)
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+
+
+def test_relocation_reads_after_the_first_window_are_cache_hits(
+        cluster: devcluster.ClusterInfo, rados_cluster: Any, volume: dict[str, Any],
+        tmp_path: Path) -> None:
+    fetcher = fetcher_for(cluster, volume, tmp_path / "cache")
+    target = f"pf-r-{uuid.uuid4().hex[:6]}"
+    try:
+        cli = Cli(cluster, volume["prefix"], fetcher.env_overrides)
+        job, _ = instant(cli, volume, target)
+        before = counts(fetcher, "relocation", "guest")
+        ran = cli.run("jobs", "run", "--once")
+        assert ran.returncode == 0, ran.stderr
+        assert cli.json("status", job)["jobs"][0]["state"] == "committed"
+        after = counts(fetcher, "relocation", "guest")
+    finally:
+        fetcher.stop()
+    done = {k: after[k] - before[k] for k in after}
+    total = sum(done.values())
+    assert total >= DATA // CHUNK  # every data chunk came through the relocation
+    first_window = 8  # relocation_window_min
+    assert done["hit"] >= 0.95 * (total - first_window), done
+    assert export_digest(cluster, f"volumes/{target}") == export_digest(
+        cluster, f"volumes/{volume['name']}")
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        remove_image(ioctx, target)

@@ -1,0 +1,176 @@
+"""The prefetch scheduler with the real chunk cache and a slow fake S3 (unit level only)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from rbd_restore.fetcher.cache import ChunkCache
+from rbd_restore.fetcher.metrics import FetcherMetrics
+from rbd_restore.prefetch.scheduler import PrefetchClass, PrefetchScheduler
+
+FETCH_SECONDS = 0.25
+SLOTS = 3
+
+
+def chunk(n: int) -> tuple[str, bytes]:
+    data = n.to_bytes(4, "big") * 1024
+    return hashlib.sha256(data).hexdigest(), data
+
+
+class SlowS3:
+    """Every GET takes FETCH_SECONDS; records order and concurrency."""
+
+    def __init__(self) -> None:
+        self.by_id = dict(chunk(n) for n in range(200))
+        self.fetched: list[str] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def fetch(self, chunk_id: str, length: int, executor: Executor) -> bytes:
+        self.fetched.append(chunk_id)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(FETCH_SECONDS)
+            return self.by_id[chunk_id]
+        finally:
+            self.in_flight -= 1
+
+
+class Rig:
+    def __init__(self, tmp_path: Path) -> None:
+        self.s3 = SlowS3()
+        self.demand_pool = ThreadPoolExecutor(4)
+        self.prefetch_pool = ThreadPoolExecutor(SLOTS)
+        self.metrics = FetcherMetrics()
+        self.cache = ChunkCache(tmp_path, 1 << 30, self.s3.fetch, self.demand_pool, self.metrics)
+        self.scheduler = PrefetchScheduler(self.stage, SLOTS, self.cache.__contains__)
+        self.staged: list[tuple[str, PrefetchClass]] = []
+
+    async def stage(self, chunk_id: str, length: int, klass: PrefetchClass) -> None:
+        self.staged.append((chunk_id, klass))
+        await self.cache.stage(chunk_id, length, klass.label, self.prefetch_pool)
+
+    def close(self) -> None:
+        self.demand_pool.shutdown()
+        self.prefetch_pool.shutdown()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    made = Rig(tmp_path)
+    yield made  # type: ignore[misc]
+    made.close()
+
+
+def ids(numbers: range) -> list[tuple[str, int]]:
+    return [(chunk(n)[0], 4096) for n in numbers]
+
+
+async def until(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_demand_read_never_waits_behind_prefetch(rig: Rig) -> None:
+    async def scenario() -> float:
+        rig.scheduler.start()
+        rig.scheduler.submit(PrefetchClass.RELOCATION, ids(range(0, 60)))
+        rig.scheduler.submit(PrefetchClass.PROFILE, ids(range(60, 120)))
+        await until(lambda: rig.s3.in_flight == SLOTS)
+        wanted, data = chunk(150)
+        started = time.monotonic()
+        got = await rig.cache.read(wanted, len(data), 0, len(data))
+        took = time.monotonic() - started
+        assert got == data
+        await rig.scheduler.stop()
+        return took
+
+    took = asyncio.run(scenario())
+    # One GET of its own, not a place behind 120 queued prefetches of 0.25 s each.
+    assert took < FETCH_SECONDS * 1.8
+    assert rig.s3.most_in_flight <= SLOTS + 1
+
+
+def test_prefetch_never_takes_more_than_its_slots(rig: Rig) -> None:
+    async def scenario() -> None:
+        rig.scheduler.start()
+        rig.scheduler.submit(PrefetchClass.PROFILE, ids(range(0, 20)))
+        await until(lambda: all(c in rig.cache for c, _ in ids(range(0, 20))))
+        await rig.scheduler.stop()
+
+    asyncio.run(scenario())
+    assert rig.s3.most_in_flight == SLOTS
+    assert sorted(rig.s3.fetched) == sorted(c for c, _ in ids(range(0, 20)))
+
+
+def test_chunk_being_prefetched_is_awaited_not_fetched_twice(rig: Rig) -> None:
+    async def scenario() -> None:
+        rig.scheduler.start()
+        wanted, data = chunk(7)
+        rig.scheduler.submit(PrefetchClass.PROFILE, [(wanted, len(data))])
+        await until(lambda: rig.s3.in_flight == 1)
+        assert rig.cache.state(wanted) == "wait"
+        assert await rig.cache.read(wanted, len(data), 10, 100) == data[10:110]
+        await rig.scheduler.stop()
+
+    asyncio.run(scenario())
+    assert rig.s3.fetched == [chunk(7)[0]]
+    assert rig.metrics.prefetch_used_bytes.labels("profile")._value.get() == 4096
+
+
+def test_queued_chunk_a_demand_read_took_is_not_fetched_again(rig: Rig) -> None:
+    async def scenario() -> None:
+        rig.scheduler.start()
+        rig.scheduler.submit(PrefetchClass.RELOCATION, ids(range(0, 12)))
+        await until(lambda: rig.s3.in_flight == SLOTS)
+        last, data = chunk(11)  # still queued: demand fetches it at once
+        assert await rig.cache.read(last, len(data), 0, 16) == data[:16]
+        await until(lambda: rig.scheduler.pending(PrefetchClass.RELOCATION) == 0
+                    and not rig.scheduler.running)
+        await rig.scheduler.stop()
+
+    asyncio.run(scenario())
+    assert rig.s3.fetched.count(chunk(11)[0]) == 1
+    assert len(rig.s3.fetched) == 12
+
+
+def test_profile_work_goes_before_relocation_work(rig: Rig) -> None:
+    async def scenario() -> None:
+        rig.scheduler.submit(PrefetchClass.RELOCATION, ids(range(0, 6)))
+        rig.scheduler.submit(PrefetchClass.PROFILE, ids(range(10, 16)))
+        # Asked again at the higher priority: moves up, is not staged twice.
+        rig.scheduler.submit(PrefetchClass.PROFILE, ids(range(5, 6)))
+        rig.scheduler.start()
+        await until(lambda: len(rig.staged) == 12 and not rig.scheduler.running)
+        await rig.scheduler.stop()
+
+    asyncio.run(scenario())
+    classes = [k for _, k in rig.staged]
+    assert classes == [PrefetchClass.PROFILE] * 7 + [PrefetchClass.RELOCATION] * 5
+    assert rig.staged[6][0] == chunk(5)[0]
+
+
+def test_unread_prefetch_evicted_counts_as_wasted(tmp_path: Path) -> None:
+    s3 = SlowS3()
+    metrics = FetcherMetrics()
+    with ThreadPoolExecutor(2) as pool:
+        cache = ChunkCache(tmp_path, 3 * 4096, s3.fetch, pool, metrics)
+
+        async def scenario() -> None:
+            for cid, length in ids(range(0, 3)):
+                await cache.stage(cid, length, "relocation", pool)
+            cache.demote(chunk(2)[0])  # copied by the relocation: first to go
+            await cache.read(*ids(range(5, 6))[0], 0, 1)
+
+        asyncio.run(scenario())
+    assert chunk(2)[0] not in cache and chunk(0)[0] in cache
+    assert metrics.prefetch_wasted_bytes.labels("relocation")._value.get() == 4096
