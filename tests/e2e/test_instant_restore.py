@@ -299,3 +299,56 @@ def test_fetcher_can_host_the_job_runner(cluster: devcluster.ClusterInfo,
         assert "job runner on" in combined.logs()
     finally:
         combined.stop()
+
+
+def test_second_restore_boots_with_the_profile_the_first_recorded(
+        cluster: devcluster.ClusterInfo, rados_cluster: Any, site: dict[str, Any],
+        tmp_path: Path) -> None:
+    # A volume of its own, so no other test's boots are in its profile.
+    source = f"guest-pf-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "import", "--no-progress",
+                    str(site["guest"] / "root.img"), f"volumes/{source}"], check=True)
+    backup = site["cli"].json("backup", f"volumes/{source}")["backup_id"]
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        remove_image(ioctx, source)
+    primed: list[dict[str, Any]] = []
+    metrics = []
+    for attempt in ("first", "second"):
+        # A fetcher with an empty cache each time: what the second one stages, it
+        # stages because of the profile in the bucket.
+        fetcher = FetcherProcess(cluster, tmp_path / attempt, site["fetcher"].prefix)
+        fetcher.start()
+        cli = Cli(cluster, fetcher.prefix, fetcher.env_overrides)
+        try:
+            target = f"restored-{attempt}-{uuid.uuid4().hex[:6]}"
+            started = cli.json("restore", backup, f"volumes/{target}", "--mode", "instant")
+            session = job(site, started["job_id"])["session_id"]
+            vm = vm_on(site, cluster, target, hold=0)
+            vm.start()
+            try:
+                vm.wait_for(site["info"]["marker"])
+                assert vm.sums() == site["info"]["sums"]
+                vm.wait_exit()
+            finally:
+                vm.stop()
+            status, state = fetcher.control("GET", f"/v1/sessions/{session}/prefetch")
+            assert status == 200, state
+            primed.append(state)
+            metrics.append(fetcher.metrics())
+            # Abort closes the session: the fetcher merges this boot into the profile.
+            cli.run("abort", started["job_id"]).check_returncode()
+        finally:
+            fetcher.stop()
+        if attempt == "first":
+            profile = cli.json("profile", "show", f"volumes/{source}")
+            assert profile["boots"] == 1 and profile["chunks"] > 0
+    assert primed[0]["primed_by"] == "heuristic" and primed[1]["primed_by"] == "profile"
+    assert primed[1]["profile_chunks"] == profile["chunks"]
+    # The chunks the second boot read as scattered reads were in the profile.
+    second = primed[1]
+    assert second["demand_chunks"] > 0
+    assert second["profile_covered_chunks"] >= 0.9 * second["demand_chunks"], second
+    assert metrics[1]['rbd_restore_fetcher_profile_sessions_total{primed_by="profile"}'] == 1
+    assert metrics[1]['rbd_restore_fetcher_prefetch_used_bytes_total{class="profile"}'] > 0
+    assert metrics[1]["rbd_restore_fetcher_profile_covered_chunks_total"] > 0
+    assert cli.json("profile", "show", f"volumes/{source}")["boots"] == 2
