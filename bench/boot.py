@@ -42,11 +42,25 @@ def _proxy(cluster: devcluster.ClusterInfo) -> tuple[subprocess.Popen[str], str]
     return proc, f"http://127.0.0.1:{proc.stdout.readline().strip()}"
 
 
-def _rr(cluster: devcluster.ClusterInfo, env: dict[str, str], *args: str) -> None:
-    """Run an rbd-restore command that prints no JSON (abort, jobs run)."""
+def _rr(cluster: devcluster.ClusterInfo, env: dict[str, str], *args: str,
+        check: bool = True) -> None:
+    """Run an rbd-restore command that prints no JSON (abort, jobs run, profile clear)."""
     subprocess.run([sys.executable, "-m", "rbd_restore.cli", *args],
                    env={**os.environ, **env, "RBD_RESTORE_CONFIG": str(cluster.config)},
-                   check=True, capture_output=True)
+                   check=check, capture_output=True)
+
+
+def _p99_ms(metrics: dict[str, float], histogram: str) -> float:
+    """The 99th percentile of a fetcher histogram, as its bucket's upper bound."""
+    name = f"rbd_restore_fetcher_{histogram}"
+    count = metrics.get(f"{name}_count", 0.0)
+    bounds = sorted((float(key.split('le="')[1].rstrip('"}')), value)
+                    for key, value in metrics.items()
+                    if key.startswith(f"{name}_bucket") and "+Inf" not in key)
+    for bound, cumulative in bounds:
+        if count and cumulative >= 0.99 * count:
+            return bound * 1000
+    return float("inf")
 
 
 def _boot(guest: Path, cluster: devcluster.ClusterInfo, image: str, work: Path,
@@ -85,8 +99,9 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
     report = Report(f"Boot and relocation, S3 behind {RTT_MS:.0f} ms RTT and "
                     f"{BANDWIDTH / 1e6:.0f} MB/s (test guest, 1 GiB disk, 76 MiB used)")
     samples: dict[str, list[float]] = {k: [] for k in (
-        "local", "full", "ceph", "instant", "instant20", "reloc_ours", "reloc_ceph",
-        "reloc_get", "replay_local", "replay_instant", "replay_ceph")}
+        "local", "full", "ceph", "instant", "instant20", "profile", "reloc_ours", "reloc_ceph",
+        "reloc_get", "replay_local", "replay_instant", "replay_ceph", "replay_profile",
+        "replay_profile_p99", "demand_p99", "coverage")}
     used: dict[str, int] = {}
     try:
         subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "import", "--no-progress",
@@ -110,7 +125,12 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
         conf = str(cluster.ceph_conf)
         wan_s3 = make_client(config_mod.S3Settings(**{**cfg.s3.__dict__,
                                                      "endpoint": wan_endpoint}), 32)
+        def forget_profiles() -> None:  # "cold" means no profile either
+            for volume in (source, big):
+                _rr(cluster, env, "profile", "clear", f"volumes/{volume}", check=False)
+
         for run_no in range(runs):
+            forget_profiles()
             samples["local"].append(_boot(guest, cluster, source, work, info["marker"]))
             samples["replay_local"].append(replay(conf, f"volumes/{source}", trace)["seconds"])
 
@@ -175,6 +195,38 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
             finally:
                 fetcher.stop()
 
+            # The cold boot's session closed at commit: its reads are the volume's profile.
+            # A new fetcher with an empty cache, so what it has, the profile staged.
+            warm = Fetcher(cluster, prefix, work / f"profile-{run_no}", extra_env=wan)
+            try:
+                target = f"boot-prof-{run_no}-{uuid.uuid4().hex[:4]}"
+                penv = {**env, **warm.env_overrides}
+                started = time.monotonic()
+                job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
+                          "instant", env=penv)["job_id"]
+                _boot(guest, cluster, target, work, info["marker"])
+                samples["profile"].append(time.monotonic() - started)
+                metrics = warm.metrics()
+                samples["demand_p99"].append(_p99_ms(metrics, "demand_read_seconds"))
+                samples["coverage"].append(
+                    metrics.get("rbd_restore_fetcher_profile_covered_chunks_total", 0)
+                    / max(1.0, metrics.get("rbd_restore_fetcher_demand_chunks_total", 0)))
+                _rr(cluster, penv, "abort", job)
+            finally:
+                warm.stop()
+            warm = Fetcher(cluster, prefix, work / f"replay-prof-{run_no}", extra_env=wan)
+            try:
+                target = f"replay-prof-{run_no}-{uuid.uuid4().hex[:4]}"
+                penv = {**env, **warm.env_overrides}
+                job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
+                          "instant", env=penv)["job_id"]
+                replayed = replay(conf, f"volumes/{target}", trace)
+                samples["replay_profile"].append(replayed["seconds"])
+                samples["replay_profile_p99"].append(replayed["p99_ms"])
+                _rr(cluster, penv, "abort", job)
+            finally:
+                warm.stop()
+
             def get(key: str) -> None:
                 wan_s3.get_object(Bucket=cluster.bucket, Key=key)["Body"].read()
 
@@ -192,20 +244,30 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                    runs=samples["local"]))
     for key, label in (("full", "boot: full restore, then boot"),
                        ("ceph", "boot: Ceph import-only, raw over its s3 stream"),
-                       ("instant", "boot: rbd-restore instant, cold cache"),
-                       ("instant20", "boot: rbd-restore instant, cold cache, 20 GiB image")):
+                       ("instant", "boot: rbd-restore instant, cold (no profile, empty cache)"),
+                       ("instant20", "boot: rbd-restore instant, cold, 20 GiB image"),
+                       ("profile", "boot: rbd-restore instant with a profile, empty cache")):
+        target = {"instant": "<= 1.30x (issue 6)", "instant20": "<= 1.30x (issue 6)",
+                  "profile": "<= 1.10x (issue 6)"}.get(key, "")
         report.add(Row(label, "seconds to marker", median(samples[key]), "s",
-                       "local RBD boot", local,
-                       "<= 1.30x (cold, issue 6)" if key.startswith("instant") else "",
-                       samples[key]))
+                       "local RBD boot", local, target, samples[key]))
+    report.add(Row("boot with a profile: guest read p99 at the fetcher", "ms",
+                   median(samples["demand_p99"]), "ms", target="< 5 ms (issue 6)",
+                   runs=samples["demand_p99"]))
+    report.add(Row("boot with a profile: guest chunks the profile named", "%",
+                   100 * median(samples["coverage"]), "%", runs=samples["coverage"]))
     replay_local = median(samples["replay_local"])
     report.add(Row(f"boot trace replay ({len(trace['reads'])} reads, "
                    f"{trace['bytes'] >> 20} MiB): local RBD image", "seconds", replay_local,
                    "s", runs=samples["replay_local"]))
     for key, label in (("replay_instant", "boot trace replay: rbd-restore instant, cold"),
+                       ("replay_profile", "boot trace replay: rbd-restore instant, profile"),
                        ("replay_ceph", "boot trace replay: Ceph raw s3 import-only")):
         report.add(Row(label, "seconds", median(samples[key]), "s", "local RBD image",
                        replay_local, "", samples[key]))
+    report.add(Row("boot trace replay with a profile: read p99 through librbd", "ms",
+                   median(samples["replay_profile_p99"]), "ms",
+                   runs=samples["replay_profile_p99"]))
     data = 76 * 2**20
     report.add(Row("relocation: rbd-restore (jobs run to committed)", "seconds",
                    median(samples["reloc_ours"]), "s", "raw parallel GETs of the chunks",

@@ -81,6 +81,16 @@ class Fetcher:
         with urllib.request.urlopen(request) as reply:
             return str(json.loads(reply.read())["url"])
 
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://{self.settings.metrics_listen}/metrics") as reply:
+            text = reply.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):

@@ -25,6 +25,9 @@ class FetcherMetrics:
                                     "Chunk reads that had to go to S3", registry=r)
         self.cache_bytes = Gauge("rbd_restore_fetcher_cache_bytes", "Bytes in the chunk cache",
                                  registry=r)
+        self.memory_cache_bytes = Gauge("rbd_restore_fetcher_memory_cache_bytes",
+                                        "Bytes of relocation chunks staged in memory",
+                                        registry=r)
         self.cache_evictions = Counter("rbd_restore_fetcher_cache_evictions",
                                        "Chunks evicted from the cache", registry=r)
         self.s3_gets = Counter("rbd_restore_fetcher_s3_gets", "Chunk GETs sent to S3",

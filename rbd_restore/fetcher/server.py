@@ -87,7 +87,9 @@ class FetcherService:
         self.source = S3ChunkSource(self.repo, self.executor, self.metrics, fc.s3_stall_seconds)
         self.cache = ChunkCache(cache_dir or Path(fc.cache_dir),
                                 cache_size or parse_size(fc.cache_size, "fetcher.cache_size"),
-                                self.source.fetch, self.executor, self.metrics)
+                                self.source.fetch, self.executor, self.metrics,
+                                0 if fc.memory_cache.strip() == "0"
+                                else parse_size(fc.memory_cache, "fetcher.memory_cache"))
         self.book = SessionBook(self.repo, secret, data_url,
                                 fc.session_max_age_days * 86400.0)
         self.prefetch = Prefetcher(self.cache, ProfileStore(self.repo), self.metrics, prefetch,
@@ -320,6 +322,7 @@ class FetcherService:
 
     async def handle_metrics(self, _request: web.Request) -> web.Response:
         self.metrics.cache_bytes.set(self.cache.total)
+        self.metrics.memory_cache_bytes.set(self.cache.hot_total)
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 

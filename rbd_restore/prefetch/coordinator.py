@@ -121,7 +121,8 @@ class Prefetcher:
         self.meter.add(nbytes, seconds)
 
     async def _stage(self, chunk_id: str, length: int, klass: PrefetchClass) -> None:
-        await self.cache.stage(chunk_id, length, klass.label, self.executor)
+        await self.cache.stage(chunk_id, length, klass.label, self.executor,
+                               in_memory=klass is PrefetchClass.RELOCATION)
         self._count_queued()
 
     def _count_queued(self) -> None:
