@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10,
-                   30)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1,
+                   0.2, 0.5, 1, 2, 5, 10, 30)
 
 
 class FetcherMetrics:
@@ -47,7 +47,8 @@ class FetcherMetrics:
                              "(miss)", ["reader", "result"], registry=r)
         self.demand_read_seconds = Histogram(
             "rbd_restore_fetcher_demand_read_seconds",
-            "Guest read latency, request to last byte: what the VM feels",
+            "Guest data read latency, request to last byte: what the VM feels (qcow2 "
+            "metadata reads at image open are left out)",
             buckets=LATENCY_BUCKETS, registry=r)
         self.relocation_read_seconds = Histogram(
             "rbd_restore_fetcher_relocation_read_seconds",

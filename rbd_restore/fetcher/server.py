@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,7 @@ IDLE_SECONDS = 24 * 3600  # librbd keeps one connection per open image: never cu
 CLOSED_REFRESH_SECONDS = 2.0
 VIEWS_KEPT = 32
 SESSIONS_TRACKED = 4096  # sessions whose pacing state is kept (LRU)
+SWITCH_INTERVAL = 0.0005
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,11 @@ class FetcherService:
         if request.method == "GET" and response.status in (200, 206):
             seconds = time.monotonic() - started
             self.metrics.read_seconds.observe(seconds)
-            by_reader = (self.metrics.relocation_read_seconds
-                         if request.get("reader") == "relocation"
-                         else self.metrics.demand_read_seconds)
-            by_reader.observe(seconds)
+            reader = request.get("reader")
+            if reader == "relocation":
+                self.metrics.relocation_read_seconds.observe(seconds)
+            elif reader == "guest":
+                self.metrics.demand_read_seconds.observe(seconds)
         return response
 
     async def _data(self, request: web.Request) -> web.StreamResponse:
@@ -281,12 +284,15 @@ class FetcherService:
         log.info("session created", extra={"session": session.session_id,
                                             "backup": backup_id})
         # Prime the cache now, before any client opens the image.
-        task = asyncio.ensure_future(self._prime(session.session_id, session.created,
-                                                 backup_id, tuple(sizes["snapshots"])))
+        self._spawn(self._prime(session.session_id, session.created, backup_id,
+                                tuple(sizes["snapshots"])))
+        self._spawn(self._count_sessions())
+        return web.json_response({**session.as_json(), **sizes}, status=201)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-        await self._count_sessions()
-        return web.json_response({**session.as_json(), **sizes}, status=201)
 
     async def _prime(self, session_id: str, created: int, backup_id: str,
                      history: tuple[str, ...]) -> None:
@@ -313,12 +319,14 @@ class FetcherService:
         session_id = request.match_info["session_id"]
         await self.blocking(self.book.close, session_id)
         log.info("session closed", extra={"session": session_id})
-        await self.prefetch.close(session_id)
-        await self._count_sessions()
+        await self.prefetch.close(session_id)  # the boot's profile is saved before the reply
+        self._spawn(self._count_sessions())
         return web.json_response({"closed": session_id})
 
     async def _count_sessions(self) -> None:
-        self.metrics.sessions_open.set(len(await self.blocking(self.book.list)))
+        """For the gauge only: off the reply's path (a listing of the bucket)."""
+        with contextlib.suppress(UserError):
+            self.metrics.sessions_open.set(await self.blocking(self.book.count_open))
 
     async def handle_metrics(self, _request: web.Request) -> web.Response:
         self.metrics.cache_bytes.set(self.cache.total)
@@ -347,6 +355,10 @@ class FetcherService:
             await asyncio.sleep(CLOSED_REFRESH_SECONDS)
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        # Prefetch threads run Python (botocore) between their C calls; with the default
+        # 5 ms switch interval the event loop, and every guest read, waits that long for
+        # the GIL behind them.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         await self.blocking(self.repo.store.check_bucket)
         await self.blocking(self.book.refresh_closed)
         runners: list[web.AppRunner] = []

@@ -96,6 +96,10 @@ class SessionBook:
                                         self.url_for(claim)))
         return sorted(sessions, key=lambda s: s.created)
 
+    def count_open(self) -> int:
+        """Open session records (a listing, without reading each one)."""
+        return sum(1 for _ in self.repo.store.list_objects(self.repo.keys.sessions_open_prefix))
+
     def close(self, session_id: str) -> None:
         if not tokens.SESSION_ID.match(session_id):
             raise UsageError(f"{session_id!r:.40} is not a session id")

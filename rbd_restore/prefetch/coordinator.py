@@ -58,7 +58,7 @@ class PrefetchSettings:
 
 @dataclass
 class ReadPlan:
-    reader: str  # "guest" or "relocation"
+    reader: str  # "guest", "relocation" or "metadata"
     slices: list[ChunkSlice]
     whole: list[int] = field(default_factory=list)  # uniques read in full
 
@@ -233,7 +233,7 @@ class Prefetcher:
         view = state.view
         slices = [s for s in segments if isinstance(s, ChunkSlice)]
         if not slices:
-            return ReadPlan("guest", [])  # qcow2 metadata
+            return ReadPlan("metadata", [])  # header, tables: built in memory, never fetched
         size = view.cluster_size
         clusters = range(max(0, start // size - view.data_start),
                          (end - 1) // size - view.data_start + 1)
