@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -32,6 +33,8 @@ from rbd_restore.fetcher.metrics import FetcherMetrics
 from rbd_restore.repo.layout import CHUNK_ID
 
 log = logging.getLogger(__name__)
+
+HOT_SECONDS = 30.0  # a chunk staged in memory this long ago and not read yet may be dropped
 
 Fetch = Callable[[str, int, Executor], Awaitable[bytes]]
 """Fetch and verify chunk ``chunk_id`` of ``length`` bytes, blocking work on the executor."""
@@ -43,8 +46,11 @@ class ChunkCache:
         self.directory = directory
         self.max_bytes = max_bytes
         self.memory_bytes = memory_bytes
-        self.hot: OrderedDict[str, bytes] = OrderedDict()  # verified, in memory
+        self.hot: OrderedDict[str, bytes] = OrderedDict()  # verified, in memory, oldest first
+        self.hot_since: dict[str, float] = {}
         self.hot_total = 0
+        self.spilling: set[str] = set()
+        self.background: set[asyncio.Task[None]] = set()
         self.fetch = fetch
         self.executor = executor
         self.metrics = metrics
@@ -82,14 +88,37 @@ class ChunkCache:
             return "hit"
         return "wait" if chunk_id in self.in_flight else "miss"
 
-    def demote(self, chunk_id: str) -> None:
-        """The chunk is not expected to be read again: free its memory, or make it the
-        next eviction victim on disk."""
-        data = self.hot.pop(chunk_id, None)
-        if data is not None:
-            self.hot_total -= len(data)
+    def demote(self, chunk_id: str, spill: Executor | None = None) -> None:
+        """The chunk is not expected to be read again: make it the next eviction victim
+        on disk. One in memory leaves memory: dropped, or written to disk first on
+        ``spill`` (off any reader's path) when the cache should keep it."""
+        if chunk_id in self.hot:
+            if spill is None or len(self.hot[chunk_id]) > self.max_bytes:
+                self._drop_hot(chunk_id)
+            elif chunk_id not in self.spilling:
+                self.spilling.add(chunk_id)
+                task = asyncio.ensure_future(self._spill(chunk_id, spill))
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
         elif chunk_id in self.entries:
             self.entries.move_to_end(chunk_id, last=False)
+
+    async def _spill(self, chunk_id: str, executor: Executor) -> None:
+        try:
+            data = self.hot[chunk_id]
+            await asyncio.get_running_loop().run_in_executor(executor, self._write, chunk_id,
+                                                             data)
+            self.entries[chunk_id] = len(data)
+            self.entries.move_to_end(chunk_id, last=False)
+            self.total += len(data)
+            self.verified.add(chunk_id)
+            self._evict(keep=chunk_id)
+        except OSError as exc:  # a full or failing cache disk costs hits, not reads
+            log.warning("chunk %s not written to the cache: %s", chunk_id, exc.strerror)
+        finally:
+            self.spilling.discard(chunk_id)
+            if chunk_id in self.hot:
+                self._drop_hot(chunk_id, wasted=False)
 
     async def stage(self, chunk_id: str, length: int, label: str, executor: Executor,
                     in_memory: bool = False) -> None:
@@ -178,8 +207,9 @@ class ChunkCache:
             self._forget(chunk_id)
         self.metrics.cache_misses.inc()
         data = await self.fetch(chunk_id, length, executor)
-        if in_memory and self.hot_total + len(data) <= self.memory_bytes:
+        if in_memory and self._room_in_memory(len(data)):
             self.hot[chunk_id] = data
+            self.hot_since[chunk_id] = time.monotonic()
             self.hot_total += len(data)
         elif len(data) <= self.max_bytes:
             await loop.run_in_executor(executor, self._write, chunk_id, data)
@@ -189,6 +219,24 @@ class ChunkCache:
             self._evict(keep=chunk_id)
             self.metrics.cache_bytes.set(self.total)
         return data
+
+    def _room_in_memory(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` fit in memory, dropping chunks staged long ago and never read
+        to the end (a relocation that stopped, a session that closed) to make room."""
+        while self.hot and self.hot_total + nbytes > self.memory_bytes:
+            oldest = next(iter(self.hot))
+            if oldest in self.spilling or time.monotonic() - self.hot_since[oldest] < HOT_SECONDS:
+                break
+            self._drop_hot(oldest)
+        return self.hot_total + nbytes <= self.memory_bytes
+
+    def _drop_hot(self, chunk_id: str, wasted: bool = True) -> None:
+        size = len(self.hot.pop(chunk_id))
+        self.hot_total -= size
+        del self.hot_since[chunk_id]
+        label = self.staged_unused.pop(chunk_id, None) if wasted else None
+        if label is not None:  # staged, never read
+            self.metrics.prefetch_wasted_bytes.labels(label).inc(size)
 
     def _file_matches(self, chunk_id: str) -> bool:
         digest = hashlib.sha256()

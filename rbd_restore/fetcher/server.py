@@ -207,7 +207,7 @@ class FetcherService:
             self.metrics.bytes_served.inc(len(block))
             position = end
         await response.write_eof()
-        self.prefetch.served(plan)
+        self.prefetch.served(prefetch, plan)
         return response
 
     async def _assemble(self, segments: list[Segment]) -> bytes:
@@ -407,7 +407,7 @@ def prefetch_settings(cfg: Config) -> PrefetchSettings:
                             fc.relocation_window_max,
                             0 if fc.cold_prefetch.strip() == "0"
                             else parse_size(fc.cold_prefetch, "fetcher.cold_prefetch"),
-                            fc.prime_sessions != 0)
+                            fc.prime_sessions != 0, fc.cache_relocated != 0)
 
 
 def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -54,6 +54,7 @@ class PrefetchSettings:
     relocation_window_max: int = 64
     cold_head_bytes: int = 8 << 20
     prime: bool = True
+    cache_relocated: bool = True
 
 
 @dataclass
@@ -258,14 +259,20 @@ class Prefetcher:
                     self.metrics.profile_covered_chunks.inc()
         return ReadPlan("guest", slices)
 
-    def served(self, plan: ReadPlan) -> None:
-        """After a relocation read: what it copied goes first when space runs out."""
+    def served(self, state: SessionPrefetch, plan: ReadPlan) -> None:
+        """After a relocation read: what it copied goes first when space runs out.
+
+        A chunk other objects of the image share (deduplicated) stays: the
+        relocation will read it again for each of them.
+        """
         if plan.reader != "relocation":
             return
+        refs = state.view.unique_refs
         for piece in plan.slices:
-            if piece.unique in plan.whole and not any(
+            if piece.unique in plan.whole and refs[piece.unique] == 1 and not any(
                     piece.chunk_id in s.profile_ids for s in self.sessions.values()):
-                self.cache.demote(piece.chunk_id)
+                self.cache.demote(piece.chunk_id,
+                                  self.executor if self.settings.cache_relocated else None)
 
     def _follow(self, state: SessionPrefetch) -> None:
         view = state.view
