@@ -34,6 +34,7 @@ from rbd_restore.repo.layout import CHUNK_ID
 
 log = logging.getLogger(__name__)
 
+MAX_SPILLING = 8  # chunks on their way from memory to disk at once; more are dropped
 HOT_SECONDS = 30.0  # a chunk staged in memory this long ago and not read yet may be dropped
 
 Fetch = Callable[[str, int, Executor], Awaitable[bytes]]
@@ -42,14 +43,18 @@ Fetch = Callable[[str, int, Executor], Awaitable[bytes]]
 
 class ChunkCache:
     def __init__(self, directory: Path, max_bytes: int, fetch: Fetch, executor: Executor,
-                 metrics: FetcherMetrics, memory_bytes: int = 0) -> None:
+                 metrics: FetcherMetrics, memory_bytes: int = 0,
+                 spill: Executor | None = None) -> None:
+        """``spill``: where chunks leaving memory are written to disk; None drops them."""
         self.directory = directory
         self.max_bytes = max_bytes
         self.memory_bytes = memory_bytes
         self.hot: OrderedDict[str, bytes] = OrderedDict()  # verified, in memory, oldest first
         self.hot_since: dict[str, float] = {}
+        self.hot_done: set[str] = set()  # read to the end: the first to leave memory
         self.hot_total = 0
-        self.spilling: set[str] = set()
+        self.spill = spill
+        self.spilling: dict[str, bytes] = {}  # on their way to disk, still served
         self.background: set[asyncio.Task[None]] = set()
         self.fetch = fetch
         self.executor = executor
@@ -80,7 +85,7 @@ class ChunkCache:
         return self.directory / chunk_id
 
     def __contains__(self, chunk_id: str) -> bool:
-        return chunk_id in self.entries or chunk_id in self.hot
+        return chunk_id in self.entries or chunk_id in self.hot or chunk_id in self.spilling
 
     def state(self, chunk_id: str) -> str:
         """``hit`` (cached), ``wait`` (being fetched) or ``miss``, for metrics."""
@@ -88,37 +93,39 @@ class ChunkCache:
             return "hit"
         return "wait" if chunk_id in self.in_flight else "miss"
 
-    def demote(self, chunk_id: str, spill: Executor | None = None) -> None:
-        """The chunk is not expected to be read again: make it the next eviction victim
-        on disk. One in memory leaves memory: dropped, or written to disk first on
-        ``spill`` (off any reader's path) when the cache should keep it."""
+    def demote(self, chunk_id: str) -> None:
+        """The chunk is not expected to be read again: the next to leave memory (for the
+        disk cache, or dropped), or the next eviction victim on disk."""
         if chunk_id in self.hot:
-            if spill is None or len(self.hot[chunk_id]) > self.max_bytes:
-                self._drop_hot(chunk_id)
-            elif chunk_id not in self.spilling:
-                self.spilling.add(chunk_id)
-                task = asyncio.ensure_future(self._spill(chunk_id, spill))
-                self.background.add(task)
-                task.add_done_callback(self.background.discard)
+            self.hot_done.add(chunk_id)
+            self.hot.move_to_end(chunk_id, last=False)
         elif chunk_id in self.entries:
             self.entries.move_to_end(chunk_id, last=False)
 
-    async def _spill(self, chunk_id: str, executor: Executor) -> None:
+    def _leave_memory(self, chunk_id: str) -> None:
+        data = self.hot[chunk_id]
+        self._drop_hot(chunk_id, wasted=False)
+        if (self.spill is None or len(self.spilling) >= MAX_SPILLING
+                or len(data) > self.max_bytes):
+            return
+        self.spilling[chunk_id] = data
+        task = asyncio.ensure_future(self._spill(chunk_id, data, self.spill))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _spill(self, chunk_id: str, data: bytes, executor: Executor) -> None:
         try:
-            data = self.hot[chunk_id]
             await asyncio.get_running_loop().run_in_executor(executor, self._write, chunk_id,
                                                              data)
             self.entries[chunk_id] = len(data)
-            self.entries.move_to_end(chunk_id, last=False)
+            self.entries.move_to_end(chunk_id, last=False)  # first out: it is in Ceph now
             self.total += len(data)
             self.verified.add(chunk_id)
             self._evict(keep=chunk_id)
         except OSError as exc:  # a full or failing cache disk costs hits, not reads
             log.warning("chunk %s not written to the cache: %s", chunk_id, exc.strerror)
         finally:
-            self.spilling.discard(chunk_id)
-            if chunk_id in self.hot:
-                self._drop_hot(chunk_id, wasted=False)
+            del self.spilling[chunk_id]
 
     async def stage(self, chunk_id: str, length: int, label: str, executor: Executor,
                     in_memory: bool = False) -> None:
@@ -167,6 +174,8 @@ class ChunkCache:
                       count_hit: bool = True, in_memory: bool = False) -> bytes | None:
         """Make the chunk present and verified; return its bytes when they are at hand."""
         hot = self.hot.get(chunk_id)
+        if hot is None:
+            hot = self.spilling.get(chunk_id)
         if hot is not None:
             if count_hit:
                 self.metrics.cache_hits.inc()
@@ -221,19 +230,24 @@ class ChunkCache:
         return data
 
     def _room_in_memory(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` fit in memory, dropping chunks staged long ago and never read
-        to the end (a relocation that stopped, a session that closed) to make room."""
+        """Whether ``nbytes`` fit in memory. Chunks read to the end leave first; then
+        chunks staged long ago and never read (a relocation that stopped, a session
+        that closed)."""
         while self.hot and self.hot_total + nbytes > self.memory_bytes:
             oldest = next(iter(self.hot))
-            if oldest in self.spilling or time.monotonic() - self.hot_since[oldest] < HOT_SECONDS:
+            if oldest in self.hot_done:
+                self._leave_memory(oldest)
+            elif time.monotonic() - self.hot_since[oldest] >= HOT_SECONDS:
+                self._drop_hot(oldest)
+            else:
                 break
-            self._drop_hot(oldest)
         return self.hot_total + nbytes <= self.memory_bytes
 
     def _drop_hot(self, chunk_id: str, wasted: bool = True) -> None:
         size = len(self.hot.pop(chunk_id))
         self.hot_total -= size
         del self.hot_since[chunk_id]
+        self.hot_done.discard(chunk_id)
         label = self.staged_unused.pop(chunk_id, None) if wasted else None
         if label is not None:  # staged, never read
             self.metrics.prefetch_wasted_bytes.labels(label).inc(size)

@@ -91,7 +91,8 @@ class FetcherService:
                                 cache_size or parse_size(fc.cache_size, "fetcher.cache_size"),
                                 self.source.fetch, self.executor, self.metrics,
                                 0 if fc.memory_cache.strip() == "0"
-                                else parse_size(fc.memory_cache, "fetcher.memory_cache"))
+                                else parse_size(fc.memory_cache, "fetcher.memory_cache"),
+                                self.prefetch_executor if fc.cache_relocated else None)
         self.book = SessionBook(self.repo, secret, data_url,
                                 fc.session_max_age_days * 86400.0)
         self.prefetch = Prefetcher(self.cache, ProfileStore(self.repo), self.metrics, prefetch,
@@ -407,7 +408,7 @@ def prefetch_settings(cfg: Config) -> PrefetchSettings:
                             fc.relocation_window_max,
                             0 if fc.cold_prefetch.strip() == "0"
                             else parse_size(fc.cold_prefetch, "fetcher.cold_prefetch"),
-                            fc.prime_sessions != 0, fc.cache_relocated != 0)
+                            fc.prime_sessions != 0)
 
 
 def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -54,7 +54,6 @@ class PrefetchSettings:
     relocation_window_max: int = 64
     cold_head_bytes: int = 8 << 20
     prime: bool = True
-    cache_relocated: bool = True
 
 
 @dataclass
@@ -271,8 +270,7 @@ class Prefetcher:
         for piece in plan.slices:
             if piece.unique in plan.whole and refs[piece.unique] == 1 and not any(
                     piece.chunk_id in s.profile_ids for s in self.sessions.values()):
-                self.cache.demote(piece.chunk_id,
-                                  self.executor if self.settings.cache_relocated else None)
+                self.cache.demote(piece.chunk_id)
 
     def _follow(self, state: SessionPrefetch) -> None:
         view = state.view

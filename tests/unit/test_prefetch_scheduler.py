@@ -177,33 +177,36 @@ def test_unread_prefetch_evicted_counts_as_wasted(tmp_path: Path) -> None:
     assert metrics.prefetch_wasted_bytes.labels("relocation")._value.get() == 4096
 
 
-def test_relocation_chunks_staged_in_memory_leave_it_when_read(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch
-                                                               ) -> None:
+def test_relocation_chunks_staged_in_memory_leave_it_when_room_is_needed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s3 = SlowS3()
     metrics = FetcherMetrics()
     with ThreadPoolExecutor(2) as pool:
-        cache = ChunkCache(tmp_path, 1 << 30, s3.fetch, pool, metrics, memory_bytes=2 * 4096)
+        cache = ChunkCache(tmp_path, 1 << 30, s3.fetch, pool, metrics, memory_bytes=2 * 4096,
+                           spill=pool)
+        first, second, third, fourth, fifth = ids(range(0, 5))
 
         async def scenario() -> None:
-            first, second, third = ids(range(0, 3))
             await cache.stage(*first, "relocation", pool, in_memory=True)
             await cache.stage(*second, "relocation", pool, in_memory=True)
             assert cache.hot_total == 2 * 4096 and not list(tmp_path.iterdir())
             assert await cache.read(first[0], 4096, 8, 4) == chunk(0)[1][8:12]
-            cache.demote(first[0])  # read to the end by the relocation: memory freed
-            assert first[0] not in cache and cache.hot_total == 4096
+            cache.demote(first[0])  # read to the end by the relocation
+            assert first[0] in cache.hot  # no disk write while memory has room
             await cache.stage(*third, "relocation", pool, in_memory=True)
-            # Full now: a fourth goes to disk while the unread ones are fresh...
-            fourth = ids(range(3, 4))[0]
+            # Room was needed: the read chunk went to the disk cache, behind the reader.
+            await asyncio.gather(*cache.background)
+            assert first[0] not in cache.hot and (tmp_path / first[0]).exists()
+            assert third[0] in cache.hot
+            # Full of unread, fresh chunks: a fourth goes to disk...
             await cache.stage(*fourth, "relocation", pool, in_memory=True)
-            assert (tmp_path / fourth[0]).exists()
-            # ...and replaces them once they have waited too long to be read.
+            assert (tmp_path / fourth[0]).exists() and fourth[0] not in cache.hot
+            # ...and one staged too long ago and never read makes room for a fifth.
             monkeypatch.setattr("rbd_restore.fetcher.cache.HOT_SECONDS", 0.0)
-            fifth = ids(range(4, 5))[0]
             await cache.stage(*fifth, "relocation", pool, in_memory=True)
             assert fifth[0] in cache.hot and second[0] not in cache
 
         asyncio.run(scenario())
     assert metrics.prefetch_wasted_bytes.labels("relocation")._value.get() == 4096
     assert metrics.prefetch_used_bytes.labels("relocation")._value.get() == 4096
+    assert s3.fetched.count(first[0]) == 1
