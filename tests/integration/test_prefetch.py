@@ -130,6 +130,15 @@ def test_profile_recorded_then_replayed_from_the_cache(
     assert merged["boots"] == 2
     cli.run("profile", "clear", f"volumes/{volume['name']}").check_returncode()
     assert "no boot profile" in cli.fails("profile", "show", f"volumes/{volume['name']}")
+    assert "no boot profile" in cli.fails("profile", "clear", f"volumes/{volume['name']}")
+
+
+def test_profile_commands_refuse_bad_input(cluster: devcluster.ClusterInfo,
+                                           volume: dict[str, Any]) -> None:
+    cli = Cli(cluster, volume["prefix"], {})
+    assert "does not exist" in cli.fails("profile", "show", "volumes/no-such-image")
+    assert "not of the form POOL/IMAGE" in cli.fails("profile", "show", "a/b/c")
+    assert "does not exist" in cli.fails("profile", "clear", "no-such-pool/img")
 
 
 def wait_for_profile(fetcher: FetcherProcess, session: str, chunks: int) -> dict[str, Any]:
