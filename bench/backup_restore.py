@@ -16,7 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.common import Report, Row, bench_cluster, cli, median, timed
+from bench.common import Report, Row, bench_cluster, cli, median, open_volumes, timed
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
@@ -54,16 +54,12 @@ def _delete_prefix(s3: Any, bucket: str, prefix: str) -> None:
 
 
 def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
-    import rados
 
     cluster = cluster or bench_cluster()
     cfg = config_mod.load(str(cluster.config))
     s3 = make_client(cfg.s3, max_connections=WORKERS * 2)
     report = Report("Backup and full restore (4 GiB image, 2 GiB data)")
-    handle = rados.Rados(conffile=str(cluster.ceph_conf), rados_id="admin",
-                         conf={"keyring": str(cluster.keyring)})
-    handle.connect()
-    ioctx = handle.open_ioctx("volumes")
+    handle, ioctx = open_volumes(cluster)
     pool = _pool_bytes()
     extents = list(range(0, 1024, 2))  # every other 4 MiB slot: 2 GiB in 4 GiB
     data_bytes = len(extents) * CHUNK

@@ -16,14 +16,15 @@ import sys
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from boto3.s3.transfer import TransferConfig
 
 from bench.backup_restore import _delete_prefix
-from bench.common import Report, Row, bench_cluster, cli, median, timed
+from bench.common import Report, Row, bench_cluster, cli, median, open_volumes, timed
 from bench.fetcher import Fetcher
 from bench.trace import record, replay
 from rbd_restore import config as config_mod
@@ -32,6 +33,7 @@ from rbd_restore.ceph import remove_image
 from rbd_restore.repo.store import make_client
 from tests.support.vm import Vm, build_guest
 
+T = TypeVar("T")
 RTT_MS = 20.0
 BANDWIDTH = 100e6
 
@@ -51,6 +53,28 @@ def _rr(cluster: devcluster.ClusterInfo, env: dict[str, str], *args: str,
     subprocess.run([sys.executable, "-m", "rbd_restore.cli", *args],
                    env={**os.environ, **env, "RBD_RESTORE_CONFIG": str(cluster.config)},
                    check=check, capture_output=True)
+
+
+def _fresh_instant(cluster: devcluster.ClusterInfo, env: dict[str, str], wan: dict[str, str],
+                   cache: Path, backup_id: str, action: Callable[[str], T]
+                   ) -> tuple[float, T, dict[str, float]]:
+    """Instant-restore ``backup_id`` from a new fetcher with an empty cache and run
+    ``action`` on the image: seconds from the restore command to the end of ``action``,
+    its result and the fetcher's metrics. The restore is aborted afterwards."""
+    fetcher = Fetcher(cluster, env["RBD_RESTORE_S3_PREFIX"], cache, extra_env=wan)
+    try:
+        fenv = {**env, **fetcher.env_overrides}
+        target = f"{cache.name}-{uuid.uuid4().hex[:4]}"
+        started = time.monotonic()
+        job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode", "instant",
+                  env=fenv)["job_id"]
+        result = action(target)
+        seconds = time.monotonic() - started
+        metrics = fetcher.metrics()
+        _rr(cluster, fenv, "abort", job)
+        return seconds, result, metrics
+    finally:
+        fetcher.stop()
 
 
 def _p99_ms(metrics: dict[str, float], *histograms: str) -> float:
@@ -82,7 +106,6 @@ def _boot(guest: Path, cluster: devcluster.ClusterInfo, image: str, work: Path,
 
 
 def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
-    import rados
     import rbd
 
     cluster = cluster or bench_cluster()
@@ -94,10 +117,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
     wan = {"RBD_RESTORE_S3_ENDPOINT": wan_endpoint}
     prefix = f"bench-boot-{uuid.uuid4().hex[:6]}/"
     env = {"RBD_RESTORE_S3_PREFIX": prefix, **wan}
-    handle = rados.Rados(conffile=str(cluster.ceph_conf), rados_id="admin",
-                         conf={"keyring": str(cluster.keyring)})
-    handle.connect()
-    ioctx = handle.open_ioctx("volumes")
+    handle, ioctx = open_volumes(cluster)
     source = f"boot-src-{uuid.uuid4().hex[:6]}"
     raw_key = f"{prefix}raw/{source}.raw"
     s3 = make_client(cfg.s3)
@@ -133,52 +153,50 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
             "type": "s3", "url": f"{wan_endpoint}/{cluster.bucket}/{raw_key}{suffix}",
             "access_key": cluster.s3_access_key, "secret_key": cluster.s3_secret_key}})
             for key, suffix in (("ceph", ""), ("ceph20", ".20g"))}
-        ceph_spec = ceph_specs["ceph"]
         chunk_keys = [o["Key"] for o in s3.list_objects_v2(
             Bucket=cluster.bucket, Prefix=f"{prefix}chunks/").get("Contents", [])]
         trace = record(work / "boot-trace.json")
         conf = str(cluster.ceph_conf)
         wan_s3 = make_client(config_mod.S3Settings(**{**cfg.s3.__dict__,
                                                      "endpoint": wan_endpoint}), 32)
+
         def forget_profiles() -> None:  # "cold" means no profile either
             for volume in (source, big):
                 _rr(cluster, env, "profile", "clear", f"volumes/{volume}", check=False)
 
+        def boot_on(target: str) -> float:
+            return _boot(guest, cluster, target, work, info["marker"])
+
+        def replay_on(target: str) -> dict[str, float]:
+            return replay(conf, f"volumes/{target}", trace)
+
         for run_no in range(runs):
             forget_profiles()
-            samples["local"].append(_boot(guest, cluster, source, work, info["marker"]))
-            samples["replay_local"].append(replay(conf, f"volumes/{source}", trace)["seconds"])
+            samples["local"].append(boot_on(source))
+            samples["replay_local"].append(replay_on(source)["seconds"])
 
             target = f"replay-ceph-{run_no}-{uuid.uuid4().hex[:4]}"
-            rbd.RBD().migration_prepare_import(ceph_spec, ioctx, target)
-            samples["replay_ceph"].append(replay(conf, f"volumes/{target}", trace)["seconds"])
+            rbd.RBD().migration_prepare_import(ceph_specs["ceph"], ioctx, target)
+            samples["replay_ceph"].append(replay_on(target)["seconds"])
             rbd.RBD().migration_abort(ioctx, target)
 
-            cold = Fetcher(cluster, prefix, work / f"replay-cache-{run_no}", extra_env=wan)
-            try:
-                target = f"replay-inst-{run_no}-{uuid.uuid4().hex[:4]}"
-                cenv = {**env, **cold.env_overrides}
-                job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
-                          "instant", env=cenv)["job_id"]
-                samples["replay_instant"].append(
-                    replay(conf, f"volumes/{target}", trace)["seconds"])
-                _rr(cluster, cenv, "abort", job)
-            finally:
-                cold.stop()
+            _, replayed, _ = _fresh_instant(cluster, env, wan, work / f"replay-cold-{run_no}",
+                                            backup_id, replay_on)
+            samples["replay_instant"].append(replayed["seconds"])
 
-            samples["local20"].append(_boot(guest, cluster, big, work, info["marker"]))
+            samples["local20"].append(boot_on(big))
             for key, restored in (("full", backup_id), ("full20", big_backup)):
                 target = f"boot-{key}-{run_no}-{uuid.uuid4().hex[:4]}"
                 started = time.monotonic()
                 cli(cluster, "restore", restored, f"volumes/{target}", env=env)
-                _boot(guest, cluster, target, work, info["marker"])
+                boot_on(target)
                 samples[key].append(time.monotonic() - started)
                 remove_image(ioctx, target)
 
             target = f"boot-ceph-{run_no}-{uuid.uuid4().hex[:4]}"
             started = time.monotonic()
-            rbd.RBD().migration_prepare_import(ceph_spec, ioctx, target)
-            _boot(guest, cluster, target, work, info["marker"])
+            rbd.RBD().migration_prepare_import(ceph_specs["ceph"], ioctx, target)
+            boot_on(target)
             samples["ceph"].append(time.monotonic() - started)
             secs, _ = timed(lambda t=target: (rbd.RBD().migration_execute(ioctx, t),
                                               rbd.RBD().migration_commit(ioctx, t)))
@@ -189,7 +207,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
             target = f"boot-ceph20-{run_no}-{uuid.uuid4().hex[:4]}"
             started = time.monotonic()
             rbd.RBD().migration_prepare_import(ceph_specs["ceph20"], ioctx, target)
-            _boot(guest, cluster, target, work, info["marker"])
+            boot_on(target)
             samples["ceph20"].append(time.monotonic() - started)
             rbd.RBD().migration_abort(ioctx, target)
 
@@ -200,7 +218,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 started = time.monotonic()
                 job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
                           "instant", env=fenv)["job_id"]
-                _boot(guest, cluster, target, work, info["marker"])
+                boot_on(target)
                 samples["instant"].append(time.monotonic() - started)
                 secs, _ = timed(lambda fenv=fenv: _rr(cluster, fenv, "jobs", "run", "--once",
                                                       "--log-level", "warning"))
@@ -213,59 +231,31 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 started = time.monotonic()
                 job = cli(cluster, "restore", big_backup, f"volumes/{target}", "--mode",
                           "instant", env=fenv)["job_id"]
-                _boot(guest, cluster, target, work, info["marker"])
+                boot_on(target)
                 samples["instant20"].append(time.monotonic() - started)
                 _rr(cluster, fenv, "abort", job)
             finally:
                 fetcher.stop()
 
-            # The cold boot's session closed at commit: its reads are the volume's profile.
-            # A new fetcher with an empty cache, so what it has, the profile staged.
-            warm = Fetcher(cluster, prefix, work / f"profile-{run_no}", extra_env=wan)
-            try:
-                target = f"boot-prof-{run_no}-{uuid.uuid4().hex[:4]}"
-                penv = {**env, **warm.env_overrides}
-                started = time.monotonic()
-                job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
-                          "instant", env=penv)["job_id"]
-                _boot(guest, cluster, target, work, info["marker"])
-                samples["profile"].append(time.monotonic() - started)
-                metrics = warm.metrics()
-                # No relocation runs during the boot: every data read is the guest's,
-                # including its sequential ones (counted under "relocation").
-                samples["demand_p99"].append(_p99_ms(metrics, "demand_read_seconds",
-                                                     "relocation_read_seconds"))
-                samples["coverage"].append(
-                    metrics.get("rbd_restore_fetcher_profile_covered_chunks_total", 0)
-                    / max(1.0, metrics.get("rbd_restore_fetcher_demand_chunks_total", 0)))
-                _rr(cluster, penv, "abort", job)
-            finally:
-                warm.stop()
-            # The same at 20 GiB: the cold 20 GiB boot's abort saved that volume's profile.
-            warm = Fetcher(cluster, prefix, work / f"profile20-{run_no}", extra_env=wan)
-            try:
-                target = f"boot-prof20-{run_no}-{uuid.uuid4().hex[:4]}"
-                penv = {**env, **warm.env_overrides}
-                started = time.monotonic()
-                job = cli(cluster, "restore", big_backup, f"volumes/{target}", "--mode",
-                          "instant", env=penv)["job_id"]
-                _boot(guest, cluster, target, work, info["marker"])
-                samples["profile20"].append(time.monotonic() - started)
-                _rr(cluster, penv, "abort", job)
-            finally:
-                warm.stop()
-            warm = Fetcher(cluster, prefix, work / f"replay-prof-{run_no}", extra_env=wan)
-            try:
-                target = f"replay-prof-{run_no}-{uuid.uuid4().hex[:4]}"
-                penv = {**env, **warm.env_overrides}
-                job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
-                          "instant", env=penv)["job_id"]
-                replayed = replay(conf, f"volumes/{target}", trace)
-                samples["replay_profile"].append(replayed["seconds"])
-                samples["replay_profile_p99"].append(replayed["p99_ms"])
-                _rr(cluster, penv, "abort", job)
-            finally:
-                warm.stop()
+            # The cold boots' sessions closed (commit, abort): their reads are the volumes'
+            # profiles. New fetchers with empty caches: what they have, the profile staged.
+            secs, _, metrics = _fresh_instant(cluster, env, wan, work / f"profile-{run_no}",
+                                              backup_id, boot_on)
+            samples["profile"].append(secs)
+            # No relocation runs during the boot: every data read is the guest's,
+            # including its sequential ones (counted under "relocation").
+            samples["demand_p99"].append(_p99_ms(metrics, "demand_read_seconds",
+                                                 "relocation_read_seconds"))
+            samples["coverage"].append(
+                metrics.get("rbd_restore_fetcher_profile_covered_chunks_total", 0)
+                / max(1.0, metrics.get("rbd_restore_fetcher_demand_chunks_total", 0)))
+            secs, _, _ = _fresh_instant(cluster, env, wan, work / f"profile20-{run_no}",
+                                        big_backup, boot_on)
+            samples["profile20"].append(secs)
+            _, replayed, _ = _fresh_instant(cluster, env, wan, work / f"replay-prof-{run_no}",
+                                            backup_id, replay_on)
+            samples["replay_profile"].append(replayed["seconds"])
+            samples["replay_profile_p99"].append(replayed["p99_ms"])
 
             def get(key: str) -> None:
                 wan_s3.get_object(Bucket=cluster.bucket, Key=key)["Body"].read()

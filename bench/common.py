@@ -28,6 +28,16 @@ def bench_cluster(osd_gib: int = 48) -> devcluster.ClusterInfo:
     return devcluster.up(root, osd_bytes=osd_gib << 30, objectstore="bluestore").info
 
 
+def open_volumes(cluster: devcluster.ClusterInfo) -> tuple[Any, Any]:
+    """A RADOS handle as admin and an ioctx on the ``volumes`` pool; the caller closes both."""
+    import rados
+
+    handle = rados.Rados(conffile=str(cluster.ceph_conf), rados_id="admin",
+                         conf={"keyring": str(cluster.keyring)})
+    handle.connect()
+    return handle, handle.open_ioctx("volumes")
+
+
 def timed(action: Callable[[], Any]) -> tuple[float, Any]:
     started = time.monotonic()
     result = action()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.backup_restore import CHUNK, WORKERS, _delete_prefix, _extent, _pool_bytes
-from bench.common import Report, Row, bench_cluster, cli, median, timed
+from bench.common import Report, Row, bench_cluster, cli, median, open_volumes, timed
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
@@ -129,7 +129,6 @@ def _file_size(url: str) -> int:
 
 def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
         data_gib: int = 1) -> Report:
-    import rados
     import rbd
 
     cluster = cluster or bench_cluster()
@@ -137,10 +136,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
     s3 = make_client(cfg.s3, max_connections=GET_THREADS * 2)
     report = Report(f"Fetcher ({data_gib} GiB of data, 4 MiB chunks)")
     prefix = f"bench-fetch-{uuid.uuid4().hex[:8]}/"
-    handle = rados.Rados(conffile=str(cluster.ceph_conf), rados_id="admin",
-                         conf={"keyring": str(cluster.keyring)})
-    handle.connect()
-    ioctx = handle.open_ioctx("volumes")
+    handle, ioctx = open_volumes(cluster)
     name = f"bench-fetch-{uuid.uuid4().hex[:8]}"
     count = data_gib * 256
     pool = _pool_bytes()

@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.backup_restore import CHUNK, WORKERS, _delete_prefix, _extent, _pool_bytes
 from bench.boot import _proxy, _used
-from bench.common import Report, Row, bench_cluster, cli, median, timed
+from bench.common import Report, Row, bench_cluster, cli, median, open_volumes, timed
 from bench.fetcher import Fetcher
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
@@ -35,7 +35,6 @@ GET_THREADS = 16
 
 def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
         data_mib: int = 1024) -> Report:
-    import rados
     import rbd
 
     cluster = cluster or bench_cluster()
@@ -47,10 +46,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
     s3 = make_client(cfg.s3, GET_THREADS * 2)
     wan_s3 = make_client(config_mod.S3Settings(**{**cfg.s3.__dict__, "endpoint": wan_endpoint}),
                          GET_THREADS * 2)
-    handle = rados.Rados(conffile=str(cluster.ceph_conf), rados_id="admin",
-                         conf={"keyring": str(cluster.keyring)})
-    handle.connect()
-    ioctx = handle.open_ioctx("volumes")
+    handle, ioctx = open_volumes(cluster)
     source = f"reloc-src-{uuid.uuid4().hex[:6]}"
     raw_key = f"{prefix}raw/{source}.raw"
     count = data_mib * MiB // CHUNK
