@@ -7,8 +7,9 @@ from rbd_restore.errors import UsageError
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(text: str, what: str) -> int:
-    """Parse a size with an optional binary suffix (K, M, G, T; ``KiB`` and ``KB`` too)."""
+def parse_size(text: str, what: str, zero_ok: bool = False) -> int:
+    """Parse a size with an optional binary suffix (K, M, G, T; ``KiB`` and ``KB`` too);
+    ``zero_ok`` for settings where 0 turns something off."""
     cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
     number, suffix = cleaned, ""
     if cleaned and cleaned[-1] in _SUFFIXES:
@@ -16,7 +17,7 @@ def parse_size(text: str, what: str) -> int:
     if not number.isdigit():
         raise UsageError(f"{what}: {text!r} is not a size (examples: 65536, 64K, 4M, 8G)")
     value = int(number) * _SUFFIXES[suffix]
-    if value <= 0:
+    if value <= 0 and not zero_ok:
         raise UsageError(f"{what}: must be greater than zero")
     return value
 

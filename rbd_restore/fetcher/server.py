@@ -1,15 +1,15 @@
 """The fetcher daemon: data plane, control plane and metrics on three listeners.
 
 Data plane (no authentication but the signed token in the path):
-``HEAD``/``GET /v1/s/<token>/disk.qcow2``. Control plane (bearer token):
-``/v1/sessions``. Metrics: ``/metrics``. docs/fetcher-api.md is the contract.
+``HEAD``/``GET /v1/s/<token>/disk.qcow2``. Control plane (bearer token,
+control.py): ``/v1/sessions``. Metrics: ``/metrics``. docs/fetcher-api.md is
+the contract.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import sys
 import time
@@ -32,6 +32,7 @@ from rbd_restore.errors import (
     UserError,
 )
 from rbd_restore.fetcher.cache import ChunkCache
+from rbd_restore.fetcher.control import ControlPlane
 from rbd_restore.fetcher.metrics import FetcherMetrics
 from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from rbd_restore.fetcher.sessions import SessionBook
@@ -39,6 +40,7 @@ from rbd_restore.fetcher.source import S3ChunkSource
 from rbd_restore.prefetch.coordinator import Prefetcher, PrefetchSettings
 from rbd_restore.prefetch.profiles import ProfileStore
 from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Qcow2View, Segment
+from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository
 from rbd_restore.repo.store import ObjectStore
 from rbd_restore.units import parse_size
@@ -77,11 +79,11 @@ class FetcherService:
                             ("fetcher.control_listen", self.listeners.control),
                             ("fetcher.metrics_listen", self.listeners.metrics)):
             split_hostport(value, name)
-        self.control_token = require(fc.control_token, "fetcher.control_token").encode()
+        token = require(fc.control_token, "fetcher.control_token").encode()
         secret = require(fc.secret, "fetcher.secret").encode()
         data_url = fc.public_url.rstrip("/") if fc.public_url else f"http://{self.listeners.data}"
         self.metrics = FetcherMetrics()
-        prefetch = prefetch_settings(cfg)
+        prefetch = PrefetchSettings.from_config(fc)
         self.executor = ThreadPoolExecutor(fc.s3_concurrency + 4, thread_name_prefix="fetcher")
         self.prefetch_executor = ThreadPoolExecutor(prefetch.slots, thread_name_prefix="prefetch")
         self.repo = Repository(ObjectStore(cfg.s3, max_connections=fc.s3_concurrency + 8),
@@ -90,8 +92,8 @@ class FetcherService:
         self.cache = ChunkCache(cache_dir or Path(fc.cache_dir),
                                 cache_size or parse_size(fc.cache_size, "fetcher.cache_size"),
                                 self.source.fetch, self.executor, self.metrics,
-                                0 if fc.memory_cache.strip() == "0"
-                                else parse_size(fc.memory_cache, "fetcher.memory_cache"),
+                                parse_size(fc.memory_cache, "fetcher.memory_cache",
+                                           zero_ok=True),
                                 self.prefetch_executor if fc.cache_relocated else None)
         self.book = SessionBook(self.repo, secret, data_url,
                                 fc.session_max_age_days * 86400.0)
@@ -101,14 +103,18 @@ class FetcherService:
         self.views: OrderedDict[tuple[str, ...], Qcow2View] = OrderedDict()
         self.view_loads: dict[tuple[str, ...], asyncio.Task[Qcow2View]] = {}
         self.paced_until: dict[str, float] = {}
-        self.background: set[asyncio.Task[None]] = set()
+        self.control = ControlPlane(token, self.book, self.prefetch, self.metrics, self.blocking,
+                                    self._prime)
 
     async def blocking(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
 
     # Views of backups
 
-    async def view(self, backup_id: str, history: tuple[str, ...] = ()) -> Qcow2View:
+    async def view(self, backup_id: str, history: tuple[str, ...] = (),
+                   head: Manifest | None = None) -> Qcow2View:
+        """The backup's view (with ``history`` as snapshots); ``head``: its manifest, when
+        the caller has just read it."""
         key = (backup_id, *history)
         cached = self.views.get(key)
         if cached is not None:
@@ -116,7 +122,7 @@ class FetcherService:
             return cached
         task = self.view_loads.get(key)
         if task is None:
-            task = asyncio.ensure_future(self.blocking(self._build_view, key))
+            task = asyncio.ensure_future(self.blocking(self._build_view, key, head))
             self.view_loads[key] = task
             task.add_done_callback(lambda _t: self.view_loads.pop(key, None))
         view = await asyncio.shield(task)
@@ -125,9 +131,9 @@ class FetcherService:
             self.views.popitem(last=False)
         return view
 
-    def _build_view(self, key: tuple[str, ...]) -> Qcow2View:
+    def _build_view(self, key: tuple[str, ...], loaded: Manifest | None) -> Qcow2View:
         head, *history = key
-        manifest = self.repo.load_manifest(head)
+        manifest = loaded or self.repo.load_manifest(head)
         older = [manifest if h == head else self.repo.load_manifest(h) for h in history]
         return Qcow2View(manifest, older)
 
@@ -246,88 +252,16 @@ class FetcherService:
         return _plain(status, "chunk unavailable" if status == 503 else "chunk failed "
                       "verification or is missing")
 
-    # Control plane
-
-    @web.middleware
-    async def control_guard(self, request: web.Request,
-                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                            ) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "")
-        expected = b"Bearer " + self.control_token
-        if not hmac.compare_digest(given.encode(), expected):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
-        try:
-            return await handler(request)
-        except web.HTTPException:
-            raise
-        except UserError as exc:
-            status = {UsageError: 400, NotFoundError: 404, UnavailableError: 503}.get(
-                type(exc), 404 if isinstance(exc, NotFoundError) else 500)
-            return web.json_response({"error": exc.message}, status=status)
-
-    async def create_session(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise UsageError("body must be JSON: {\"backup_id\": ...}") from None
-        backup_id = body.get("backup_id") if isinstance(body, dict) else None
-        if not isinstance(backup_id, str):
-            raise UsageError("body must be JSON: {\"backup_id\": ...}")
-        numbers = {}
-        for field in ("rate_limit_bytes_per_s", "history"):
-            value = body.get(field, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise UsageError(f"{field} must be a whole number >= 0")
-            numbers[field] = value
-        session, sizes = await self.blocking(self.book.create, backup_id,
-                                             numbers["rate_limit_bytes_per_s"],
-                                             numbers["history"])
-        log.info("session created", extra={"session": session.session_id,
-                                            "backup": backup_id})
-        # Prime the cache now, before any client opens the image.
-        self._spawn(self._prime(session.session_id, session.created, backup_id,
-                                tuple(sizes["snapshots"])))
-        self._spawn(self._count_sessions())
-        return web.json_response({**session.as_json(), **sizes}, status=201)
-
-    def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    async def _prime(self, session_id: str, created: int, backup_id: str,
+    async def _prime(self, session_id: str, created: int, manifest: Manifest,
                      history: tuple[str, ...]) -> None:
+        """Prefetch for a new session, from the manifest its creation already read."""
         try:
-            view = await self.view(backup_id, history)
+            view = await self.view(manifest.backup_id, history, manifest)
         except UserError as exc:
             log.warning("session not primed", extra={"session": session_id,
                                                      "reason": exc.message})
             return
         self.prefetch.session(session_id, created, view)
-
-    async def session_prefetch(self, request: web.Request) -> web.Response:
-        described = self.prefetch.describe(request.match_info["session_id"])
-        if described is None:
-            raise NotFoundError("no prefetch state for this session on this fetcher")
-        return web.json_response(described)
-
-    async def list_sessions(self, _request: web.Request) -> web.Response:
-        sessions = await self.blocking(self.book.list)
-        self.metrics.sessions_open.set(len(sessions))
-        return web.json_response({"sessions": [s.as_json() for s in sessions]})
-
-    async def close_session(self, request: web.Request) -> web.Response:
-        session_id = request.match_info["session_id"]
-        await self.blocking(self.book.close, session_id)
-        log.info("session closed", extra={"session": session_id})
-        await self.prefetch.close(session_id)  # the boot's profile is saved before the reply
-        self._spawn(self._count_sessions())
-        return web.json_response({"closed": session_id})
-
-    async def _count_sessions(self) -> None:
-        """For the gauge only: off the reply's path (a listing of the bucket)."""
-        with contextlib.suppress(UserError):
-            self.metrics.sessions_open.set(await self.blocking(self.book.count_open))
 
     async def handle_metrics(self, _request: web.Request) -> web.Response:
         self.metrics.cache_bytes.set(self.cache.total)
@@ -340,11 +274,7 @@ class FetcherService:
     def apps(self) -> tuple[web.Application, web.Application, web.Application]:
         data = web.Application()
         data.router.add_route("*", "/{tail:.*}", self.handle_data)
-        control = web.Application(middlewares=[self.control_guard])
-        control.router.add_post("/v1/sessions", self.create_session)
-        control.router.add_get("/v1/sessions", self.list_sessions)
-        control.router.add_delete("/v1/sessions/{session_id}", self.close_session)
-        control.router.add_get("/v1/sessions/{session_id}/prefetch", self.session_prefetch)
+        control = self.control.app()
         metrics = web.Application()
         metrics.router.add_get("/metrics", self.handle_metrics)
         return data, control, metrics
@@ -390,25 +320,6 @@ class FetcherService:
                 await runner.cleanup()
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.prefetch_executor.shutdown(wait=False, cancel_futures=True)
-
-
-def prefetch_settings(cfg: Config) -> PrefetchSettings:
-    fc = cfg.fetcher
-    if fc.s3_concurrency < 2:
-        raise UsageError("fetcher.s3_concurrency must be at least 2: one for demand, "
-                         "one for prefetch")
-    slots = fc.prefetch_slots or max(1, fc.s3_concurrency * 3 // 4)
-    if not 1 <= slots < fc.s3_concurrency:
-        raise UsageError("fetcher.prefetch_slots must be between 1 and s3_concurrency - 1, "
-                         "so some S3 capacity is always kept for demand reads")
-    for name in ("boot_window_seconds", "relocation_window_min", "relocation_window_max"):
-        if getattr(fc, name) < 1:
-            raise UsageError(f"fetcher.{name} must be at least 1")
-    return PrefetchSettings(slots, float(fc.boot_window_seconds), fc.relocation_window_min,
-                            fc.relocation_window_max,
-                            0 if fc.cold_prefetch.strip() == "0"
-                            else parse_size(fc.cold_prefetch, "fetcher.cold_prefetch"),
-                            fc.prime_sessions != 0)
 
 
 def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -66,8 +66,9 @@ class SessionBook:
         return (*(m.backup_id for m in older[-count:]), head.backup_id)
 
     def create(self, backup_id: str, rate_limit: int = 0,
-               history: int = 0) -> tuple[Session, dict[str, Any]]:
-        """A new session, and the backup's sizes (unknown or damaged backups get none)."""
+               history: int = 0) -> tuple[Session, dict[str, Any], Manifest]:
+        """A new session, the backup's sizes and its manifest (read once here, so the
+        caller can build the session's view without reading it again)."""
         manifest = self.repo.load_manifest(backup_id)
         claim = tokens.SessionClaim(tokens.new_session_id(), backup_id, int(time.time()),
                                     rate_limit, self.history_of(manifest, history))
@@ -78,7 +79,8 @@ class SessionBook:
                             json.dumps(record).encode())
         sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes,
                  "snapshots": list(claim.history)}
-        return Session(claim.session_id, backup_id, claim.created, self.url_for(claim)), sizes
+        session = Session(claim.session_id, backup_id, claim.created, self.url_for(claim))
+        return session, sizes, manifest
 
     def list(self) -> list[Session]:
         sessions = []

@@ -24,7 +24,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from rbd_restore.errors import UserError
+from rbd_restore.config import FetcherSettings
+from rbd_restore.errors import UsageError, UserError
 from rbd_restore.fetcher.cache import ChunkCache
 from rbd_restore.fetcher.metrics import FetcherMetrics
 from rbd_restore.prefetch.profiles import (
@@ -37,6 +38,7 @@ from rbd_restore.prefetch.profiles import (
 from rbd_restore.prefetch.relocation import RateMeter, RelocationFollower, SequentialDetector
 from rbd_restore.prefetch.scheduler import PrefetchClass, PrefetchScheduler
 from rbd_restore.qcow2.view import ChunkSlice, Qcow2View, Segment
+from rbd_restore.units import parse_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +56,24 @@ class PrefetchSettings:
     relocation_window_max: int = 64
     cold_head_bytes: int = 8 << 20
     prime: bool = True
+
+    @classmethod
+    def from_config(cls, fc: FetcherSettings) -> PrefetchSettings:
+        """From the ``[fetcher]`` settings, refusing values that would starve demand reads."""
+        if fc.s3_concurrency < 2:
+            raise UsageError("fetcher.s3_concurrency must be at least 2: one for demand, "
+                             "one for prefetch")
+        slots = fc.prefetch_slots or max(1, fc.s3_concurrency * 3 // 4)
+        if not 1 <= slots < fc.s3_concurrency:
+            raise UsageError("fetcher.prefetch_slots must be between 1 and s3_concurrency - 1, "
+                             "so some S3 capacity is always kept for demand reads")
+        for name in ("boot_window_seconds", "relocation_window_min", "relocation_window_max"):
+            if getattr(fc, name) < 1:
+                raise UsageError(f"fetcher.{name} must be at least 1")
+        return cls(slots, float(fc.boot_window_seconds), fc.relocation_window_min,
+                   fc.relocation_window_max,
+                   parse_size(fc.cold_prefetch, "fetcher.cold_prefetch", zero_ok=True),
+                   fc.prime_sessions != 0)
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""The fetcher's control plane: create, list and close sessions (bearer token).
+
+``/v1/sessions`` as docs/fetcher-api.md specifies. A new session is handed to
+``prime`` at once, so the cache starts filling before any client opens the
+image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from rbd_restore.errors import NotFoundError, UnavailableError, UsageError, UserError
+from rbd_restore.fetcher.metrics import FetcherMetrics
+from rbd_restore.fetcher.sessions import SessionBook
+from rbd_restore.prefetch.coordinator import Prefetcher
+from rbd_restore.repo.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+Blocking = Callable[..., Awaitable[Any]]
+Prime = Callable[[str, int, Manifest, tuple[str, ...]], Awaitable[None]]
+"""(session id, created, the backup's manifest, history) -> cache primed for it."""
+
+
+class ControlPlane:
+    def __init__(self, token: bytes, book: SessionBook, prefetch: Prefetcher,
+                 metrics: FetcherMetrics, blocking: Blocking, prime: Prime) -> None:
+        self.token = token
+        self.book = book
+        self.prefetch = prefetch
+        self.metrics = metrics
+        self.blocking = blocking
+        self.prime = prime
+        self.background: set[asyncio.Task[None]] = set()
+
+    def app(self) -> web.Application:
+        control = web.Application(middlewares=[self.guard])
+        control.router.add_post("/v1/sessions", self.create_session)
+        control.router.add_get("/v1/sessions", self.list_sessions)
+        control.router.add_delete("/v1/sessions/{session_id}", self.close_session)
+        control.router.add_get("/v1/sessions/{session_id}/prefetch", self.session_prefetch)
+        return control
+
+    @web.middleware
+    async def guard(self, request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), b"Bearer " + self.token):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except UserError as exc:
+            status = {UsageError: 400, NotFoundError: 404, UnavailableError: 503}.get(
+                type(exc), 404 if isinstance(exc, NotFoundError) else 500)
+            return web.json_response({"error": exc.message}, status=status)
+
+    async def create_session(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise UsageError("body must be JSON: {\"backup_id\": ...}") from None
+        backup_id = body.get("backup_id") if isinstance(body, dict) else None
+        if not isinstance(backup_id, str):
+            raise UsageError("body must be JSON: {\"backup_id\": ...}")
+        numbers = {}
+        for field in ("rate_limit_bytes_per_s", "history"):
+            value = body.get(field, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UsageError(f"{field} must be a whole number >= 0")
+            numbers[field] = value
+        session, sizes, manifest = await self.blocking(
+            self.book.create, backup_id, numbers["rate_limit_bytes_per_s"], numbers["history"])
+        log.info("session created", extra={"session": session.session_id,
+                                            "backup": backup_id})
+        self._spawn(self.prime(session.session_id, session.created, manifest,
+                               tuple(sizes["snapshots"])))
+        self._spawn(self._count_sessions())
+        return web.json_response({**session.as_json(), **sizes}, status=201)
+
+    async def list_sessions(self, _request: web.Request) -> web.Response:
+        sessions = await self.blocking(self.book.list)
+        self.metrics.sessions_open.set(len(sessions))
+        return web.json_response({"sessions": [s.as_json() for s in sessions]})
+
+    async def close_session(self, request: web.Request) -> web.Response:
+        session_id = request.match_info["session_id"]
+        await self.blocking(self.book.close, session_id)
+        log.info("session closed", extra={"session": session_id})
+        await self.prefetch.close(session_id)  # the boot's profile is saved before the reply
+        self._spawn(self._count_sessions())
+        return web.json_response({"closed": session_id})
+
+    async def session_prefetch(self, request: web.Request) -> web.Response:
+        described = self.prefetch.describe(request.match_info["session_id"])
+        if described is None:
+            raise NotFoundError("no prefetch state for this session on this fetcher")
+        return web.json_response(described)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _count_sessions(self) -> None:
+        """For the gauge only: off the reply's path (a listing of the bucket)."""
+        with contextlib.suppress(UserError):
+            self.metrics.sessions_open.set(await self.blocking(self.book.count_open))
