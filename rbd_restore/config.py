@@ -75,6 +75,7 @@ class FetcherSettings:
     relocation_window_max: int = 64
     cold_prefetch: str = "8M"
     prime_sessions: int = 1  # 0: no profile, heuristic or first window when a session opens
+    pad_headers: int = 1  # 0: no padding header (fetcher/headers.py says why it is there)
 
     @property
     def data_url(self) -> str:

@@ -33,6 +33,7 @@ from rbd_restore.errors import (
 )
 from rbd_restore.fetcher.cache import ChunkCache
 from rbd_restore.fetcher.control import ControlPlane
+from rbd_restore.fetcher.headers import SERVER, padded
 from rbd_restore.fetcher.metrics import FetcherMetrics
 from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from rbd_restore.fetcher.sessions import SessionBook
@@ -103,6 +104,7 @@ class FetcherService:
         self.views: OrderedDict[tuple[str, ...], Qcow2View] = OrderedDict()
         self.view_loads: dict[tuple[str, ...], asyncio.Task[Qcow2View]] = {}
         self.paced_until: dict[str, float] = {}
+        self.pad_headers = fc.pad_headers != 0
         self.control = ControlPlane(token, self.book, self.prefetch, self.metrics, self.blocking,
                                     self._prime)
 
@@ -172,10 +174,10 @@ class FetcherService:
         except UserError as exc:
             return self._failed(exc, claim.session_id)
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
-                   "ETag": f'"{claim.backup_id}"'}
+                   "ETag": f'"{claim.backup_id}"', "Server": SERVER}
         if request.method == "HEAD":
-            response = web.StreamResponse(status=200, headers=headers)
-            response.content_length = view.size
+            response = web.StreamResponse(status=200, headers=self._sized(
+                200, {**headers, "Content-Length": str(view.size)}))
             await response.prepare(request)
             await response.write_eof()
             return response
@@ -200,8 +202,8 @@ class FetcherService:
             first = await self._assemble(segments)
         except UserError as exc:
             return self._failed(exc, claim.session_id)
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = wanted.length
+        response = web.StreamResponse(status=status, headers=self._sized(
+            status, {**headers, "Content-Length": str(wanted.length)}))
         await response.prepare(request)
         await response.write(first)
         self.metrics.bytes_served.inc(len(first))
@@ -216,6 +218,9 @@ class FetcherService:
         await response.write_eof()
         self.prefetch.served(prefetch, plan)
         return response
+
+    def _sized(self, status: int, headers: dict[str, str]) -> dict[str, str]:
+        return padded(status, headers) if self.pad_headers else headers
 
     async def _assemble(self, segments: list[Segment]) -> bytes:
         pieces: list[Awaitable[bytes]] = [self._segment_bytes(s) for s in segments]

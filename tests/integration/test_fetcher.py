@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
+from rbd_restore.fetcher.headers import BEAST_HEADER_LIMIT, BUFFER_DOUBLES_PAST
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.repository import snapshot_name
 from tests.support.fetcher_proc import FetcherProcess
@@ -149,6 +150,32 @@ def test_pipelined_requests_are_answered_in_order(reference: tuple[str, bytes]) 
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             assert stream.read(length) == whole[a:b + 1]
+
+
+def test_successful_replies_carry_headers_sized_for_librbds_buffer(
+        reference: tuple[str, bytes]) -> None:
+    """Each HEAD, 200 and 206 header block ends between the size at which Beast's
+    buffer doubles and Beast's header limit (rbd_restore/fetcher/headers.py)."""
+    url, whole = reference
+    host, port, path = split(url)
+    asks = [("HEAD", None), ("GET", "bytes=0-7"), ("GET", f"bytes={len(whole) - 1}-"),
+            ("GET", f"bytes=12345-{len(whole) - 1}"), ("GET", None)]
+    raw = b"".join(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n".encode()
+                   + (f"Range: {spec}\r\n".encode() if spec else b"") + b"\r\n"
+                   for method, spec in asks)
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(raw)
+        stream = sock.makefile("rb")
+        for method, _ in asks:
+            block = [stream.readline()]
+            while block[-1] not in (b"\r\n", b""):
+                block.append(stream.readline())
+            assert block[0].split()[1] in (b"200", b"206")
+            assert BUFFER_DOUBLES_PAST < len(b"".join(block)) < BEAST_HEADER_LIMIT
+            length = next(int(line.split(b":")[1]) for line in block
+                          if line.lower().startswith(b"content-length:"))
+            if method == "GET":
+                assert len(stream.read(length)) == length
 
 
 @settings(max_examples=120, deadline=None,
