@@ -65,7 +65,7 @@ class FetcherSettings:
     cache_dir: str = "/var/cache/rbd-restore"
     cache_size: str = "20G"
     memory_cache: str = "128M"  # relocation chunks staged in memory; "0": on disk
-    cache_relocated: int = 1  # 0: chunks the relocation copied leave memory uncached
+    cache_relocated: int = 0  # 1: chunks the relocation copied go to the disk cache
     s3_concurrency: int = 16
     s3_stall_seconds: int = 600
     session_max_age_days: int = 30

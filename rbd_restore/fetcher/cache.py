@@ -144,13 +144,16 @@ class ChunkCache:
         if chunk_id not in self:  # too big to keep
             self.staged_unused.pop(chunk_id, None)
 
-    async def read(self, chunk_id: str, chunk_length: int, offset: int, length: int) -> bytes:
-        """``length`` bytes of a verified chunk from ``offset``; zeros past its end."""
+    async def read(self, chunk_id: str, chunk_length: int, offset: int, length: int,
+                   in_memory: bool = False) -> bytes:
+        """``length`` bytes of a verified chunk from ``offset``; zeros past its end.
+        ``in_memory``: a chunk that must be fetched is kept in memory when there is room."""
         label = self.staged_unused.pop(chunk_id, None)
         if label is not None:
             self.metrics.prefetch_used_bytes.labels(label).inc(chunk_length)
         for _ in range(3):
-            fetched = await self._ensure(chunk_id, chunk_length, self.executor)
+            fetched = await self._ensure(chunk_id, chunk_length, self.executor,
+                                         in_memory=in_memory)
             if fetched is not None:
                 data = fetched[offset:offset + length]
             else:

@@ -196,10 +196,13 @@ class FetcherService:
         request["reader"] = plan.reader
         for piece in plan.slices:
             self.metrics.reads.labels(plan.reader, self.cache.state(piece.chunk_id)).inc()
-        if claim.rate_limit and plan.reader == "relocation":
+        # The relocation reads a chunk's clusters once, one after the other: a chunk it
+        # asks for before prefetch staged it is kept in memory like the staged ones.
+        in_memory = plan.reader == "relocation"
+        if claim.rate_limit and in_memory:
             await self._throttle(claim.session_id, claim.rate_limit, wanted.length)
         try:
-            first = await self._assemble(segments)
+            first = await self._assemble(segments, in_memory)
         except UserError as exc:
             return self._failed(exc, claim.session_id)
         response = web.StreamResponse(status=status, headers=self._sized(
@@ -222,16 +225,16 @@ class FetcherService:
     def _sized(self, status: int, headers: dict[str, str]) -> dict[str, str]:
         return padded(status, headers) if self.pad_headers else headers
 
-    async def _assemble(self, segments: list[Segment]) -> bytes:
-        pieces: list[Awaitable[bytes]] = [self._segment_bytes(s) for s in segments]
+    async def _assemble(self, segments: list[Segment], in_memory: bool = False) -> bytes:
+        pieces: list[Awaitable[bytes]] = [self._segment_bytes(s, in_memory) for s in segments]
         return b"".join(await asyncio.gather(*pieces))
 
-    async def _segment_bytes(self, segment: Segment) -> bytes:
+    async def _segment_bytes(self, segment: Segment, in_memory: bool) -> bytes:
         if isinstance(segment, MetadataBytes):
             return segment.data
         assert isinstance(segment, ChunkSlice)
         return await self.cache.read(segment.chunk_id, segment.chunk_length, segment.offset,
-                                     segment.length)
+                                     segment.length, in_memory)
 
     async def _throttle(self, session_id: str, rate: int, nbytes: int) -> None:
         """Pace relocation-sized reads (whole data clusters) to ``rate`` bytes/s.
