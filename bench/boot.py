@@ -59,8 +59,8 @@ def _fresh_instant(cluster: devcluster.ClusterInfo, env: dict[str, str], wan: di
                    cache: Path, backup_id: str, action: Callable[[str], T]
                    ) -> tuple[float, T, dict[str, float]]:
     """Instant-restore ``backup_id`` from a new fetcher with an empty cache and run
-    ``action`` on the image: seconds from the restore command to the end of ``action``,
-    its result and the fetcher's metrics. The restore is aborted afterwards."""
+    ``action`` on the image: when the restore command started (``time.monotonic()``),
+    ``action``'s result and the fetcher's metrics. The restore is aborted afterwards."""
     fetcher = Fetcher(cluster, env["RBD_RESTORE_S3_PREFIX"], cache, extra_env=wan)
     try:
         fenv = {**env, **fetcher.env_overrides}
@@ -69,10 +69,9 @@ def _fresh_instant(cluster: devcluster.ClusterInfo, env: dict[str, str], wan: di
         job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode", "instant",
                   env=fenv)["job_id"]
         result = action(target)
-        seconds = time.monotonic() - started
         metrics = fetcher.metrics()
         _rr(cluster, fenv, "abort", job)
-        return seconds, result, metrics
+        return started, result, metrics
     finally:
         fetcher.stop()
 
@@ -94,15 +93,21 @@ def _p99_ms(metrics: dict[str, float], *histograms: str) -> float:
 
 def _boot(guest: Path, cluster: devcluster.ClusterInfo, image: str, work: Path,
           marker: str) -> float:
+    """Boot the guest on ``image``; when its marker line appeared (``time.monotonic()``).
+
+    Every boot row is measured to the marker: after it the guest writes a file,
+    syncs and powers off, which is not part of getting the VM running (and on a
+    staging image that write copies an object up first)."""
     vm = Vm(guest, f"rbd:volumes/{image}:conf={cluster.ceph_conf}",
             work / f"{image}.console")
+    started = time.monotonic()
     vm.start()
     try:
-        seconds = vm.wait_for(marker, timeout=300)
+        marker_at = started + vm.wait_for(marker, timeout=300)
         vm.wait_exit()
     finally:
         vm.stop()
-    return seconds
+    return marker_at
 
 
 def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
@@ -172,7 +177,8 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
 
         for run_no in range(runs):
             forget_profiles()
-            samples["local"].append(boot_on(source))
+            started = time.monotonic()
+            samples["local"].append(boot_on(source) - started)
             samples["replay_local"].append(replay_on(source)["seconds"])
 
             target = f"replay-ceph-{run_no}-{uuid.uuid4().hex[:4]}"
@@ -184,20 +190,19 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                                             backup_id, replay_on)
             samples["replay_instant"].append(replayed["seconds"])
 
-            samples["local20"].append(boot_on(big))
+            started = time.monotonic()
+            samples["local20"].append(boot_on(big) - started)
             for key, restored in (("full", backup_id), ("full20", big_backup)):
                 target = f"boot-{key}-{run_no}-{uuid.uuid4().hex[:4]}"
                 started = time.monotonic()
                 cli(cluster, "restore", restored, f"volumes/{target}", env=env)
-                boot_on(target)
-                samples[key].append(time.monotonic() - started)
+                samples[key].append(boot_on(target) - started)
                 remove_image(ioctx, target)
 
             target = f"boot-ceph-{run_no}-{uuid.uuid4().hex[:4]}"
             started = time.monotonic()
             rbd.RBD().migration_prepare_import(ceph_specs["ceph"], ioctx, target)
-            boot_on(target)
-            samples["ceph"].append(time.monotonic() - started)
+            samples["ceph"].append(boot_on(target) - started)
             secs, _ = timed(lambda t=target: (rbd.RBD().migration_execute(ioctx, t),
                                               rbd.RBD().migration_commit(ioctx, t)))
             samples["reloc_ceph"].append(secs)
@@ -207,8 +212,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
             target = f"boot-ceph20-{run_no}-{uuid.uuid4().hex[:4]}"
             started = time.monotonic()
             rbd.RBD().migration_prepare_import(ceph_specs["ceph20"], ioctx, target)
-            boot_on(target)
-            samples["ceph20"].append(time.monotonic() - started)
+            samples["ceph20"].append(boot_on(target) - started)
             rbd.RBD().migration_abort(ioctx, target)
 
             fetcher = Fetcher(cluster, prefix, work / f"cache-{run_no}", extra_env=wan)
@@ -218,8 +222,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 started = time.monotonic()
                 job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
                           "instant", env=fenv)["job_id"]
-                boot_on(target)
-                samples["instant"].append(time.monotonic() - started)
+                samples["instant"].append(boot_on(target) - started)
                 secs, _ = timed(lambda fenv=fenv: _rr(cluster, fenv, "jobs", "run", "--once",
                                                       "--log-level", "warning"))
                 samples["reloc_ours"].append(secs)
@@ -231,17 +234,16 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 started = time.monotonic()
                 job = cli(cluster, "restore", big_backup, f"volumes/{target}", "--mode",
                           "instant", env=fenv)["job_id"]
-                boot_on(target)
-                samples["instant20"].append(time.monotonic() - started)
+                samples["instant20"].append(boot_on(target) - started)
                 _rr(cluster, fenv, "abort", job)
             finally:
                 fetcher.stop()
 
             # The cold boots' sessions closed (commit, abort): their reads are the volumes'
             # profiles. New fetchers with empty caches: what they have, the profile staged.
-            secs, _, metrics = _fresh_instant(cluster, env, wan, work / f"profile-{run_no}",
-                                              backup_id, boot_on)
-            samples["profile"].append(secs)
+            started, marker_at, metrics = _fresh_instant(
+                cluster, env, wan, work / f"profile-{run_no}", backup_id, boot_on)
+            samples["profile"].append(marker_at - started)
             # No relocation runs during the boot: every data read is the guest's,
             # including its sequential ones (counted under "relocation").
             samples["demand_p99"].append(_p99_ms(metrics, "demand_read_seconds",
@@ -249,9 +251,10 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
             samples["coverage"].append(
                 metrics.get("rbd_restore_fetcher_profile_covered_chunks_total", 0)
                 / max(1.0, metrics.get("rbd_restore_fetcher_demand_chunks_total", 0)))
-            secs, _, _ = _fresh_instant(cluster, env, wan, work / f"profile20-{run_no}",
-                                        big_backup, boot_on)
-            samples["profile20"].append(secs)
+            started, marker_at, _ = _fresh_instant(cluster, env, wan,
+                                                   work / f"profile20-{run_no}", big_backup,
+                                                   boot_on)
+            samples["profile20"].append(marker_at - started)
             _, replayed, _ = _fresh_instant(cluster, env, wan, work / f"replay-prof-{run_no}",
                                             backup_id, replay_on)
             samples["replay_profile"].append(replayed["seconds"])
