@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import compileall
 import sys
 
 from bench import backup_restore, boot, fetcher, relocation
-from bench.common import bench_cluster, write_reports
+from bench.common import REPO_ROOT, bench_cluster, write_reports
 
 
 def main() -> int:
+    # As an installed package would be: byte-compiled. The editable install is not, and
+    # with PYTHONDONTWRITEBYTECODE set every command would compile its modules again.
+    compileall.compile_dir(str(REPO_ROOT / "rbd_restore"), quiet=1)
     cluster = bench_cluster()
     print(f"bench cluster in {cluster.dir}", flush=True)
     reports = [boot.run(cluster), relocation.run(cluster), backup_restore.run(cluster),

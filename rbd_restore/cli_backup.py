@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from rbd_restore.backup import run_backup
 from rbd_restore.ceph import ImageRef
 from rbd_restore.cli_context import load_config, open_cluster, open_repository, progress_bar
 from rbd_restore.errors import IntegrityError, UsageError
@@ -15,7 +14,6 @@ from rbd_restore.output import print_json
 from rbd_restore.repo.chunks import DEFAULT_CHUNK_SIZE
 from rbd_restore.repo.maintenance import DEFAULT_GC_GRACE, collect_garbage, verify_backup
 from rbd_restore.repo.manifest import Manifest
-from rbd_restore.restore_full import restore_full
 from rbd_restore.units import format_size, parse_size
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
@@ -44,6 +42,8 @@ def backup(
     as_json: JsonOption = False,
 ) -> None:
     """Snapshot POOL/IMAGE and store it in the bucket (incremental when possible)."""
+    from rbd_restore.backup import run_backup  # not paid by the commands that never back up
+
     cfg = load_config(ctx)
     ref = ImageRef.parse(image, cfg.pools.backup_default)
     size = parse_size(chunk_size, "--chunk-size")
@@ -95,6 +95,8 @@ def restore(
         restore_instant(cfg, backup_id, ref, wait, as_json, concurrency, rate_limit,
                         with_history)
         return
+    from rbd_restore.restore_full import restore_full
+
     repo = open_repository(cfg, workers)
     with open_cluster(cfg) as cluster, progress_bar(f"restore {ref}", not as_json) as progress:
         result = restore_full(cluster, repo, backup_id, ref, workers=workers, progress=progress)

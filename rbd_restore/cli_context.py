@@ -7,13 +7,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from rbd_restore import config as config_mod
 from rbd_restore.ceph import Cluster
@@ -41,6 +34,15 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int
     if not enabled or not sys.stderr.isatty():
         yield None
         return
+    # Imported here: rich.progress costs every command 20 ms, and most never draw a bar.
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(description, total=None)
