@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 import pytest
+import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -92,6 +94,25 @@ def test_chunk_is_named_by_sha256_of_plain_bytes_and_verified() -> None:
         chunks.decode_chunk(cid, b"garbage")
     with pytest.raises(IntegrityError, match="bytes where"):
         chunks.decode_chunk(cid, stored, len(data) + 1)
+
+
+@given(st.binary(min_size=1, max_size=600_000))
+def test_raw_frames_are_zstd_frames_with_their_content_size(data: bytes) -> None:
+    frame = chunks.raw_frame(data)
+    assert zstandard.get_frame_parameters(frame).content_size == len(data)
+    assert zstandard.ZstdDecompressor().decompress(frame) == data
+
+
+def test_incompressible_chunks_are_stored_raw_and_the_rest_compressed() -> None:
+    noise = random.Random(7).randbytes(4 << 20)
+    stored = chunks.encode_chunk(noise)
+    assert stored == chunks.raw_frame(noise)
+    assert chunks.decode_chunk(chunks.chunk_id(noise), stored, len(noise)) == noise
+    # Noise with a compressible stretch where one of the samples falls: compressed.
+    mixed = noise[:2 << 20] + bytes(1 << 20) + noise[3 << 20:]
+    stored = chunks.encode_chunk(mixed)
+    assert len(stored) < len(mixed) * 0.8
+    assert chunks.decode_chunk(chunks.chunk_id(mixed), stored, len(mixed)) == mixed
 
 
 def test_zero_detection() -> None:
