@@ -131,6 +131,8 @@ def abort(ctx: typer.Context, job: str) -> None:
 @jobs_app.command("run")
 def jobs_run(
     ctx: typer.Context,
+    job: Annotated[str | None, typer.Argument(
+        help="Only this job (it must exist); default: every job.")] = None,
     once: Annotated[bool, typer.Option("--once", help="Exit when no job is left.")] = False,
     concurrency: Annotated[int | None, typer.Option(
         "--relocation-concurrency", min=1, max=64,
@@ -143,6 +145,8 @@ def jobs_run(
     use_json_logs(level if isinstance(level, int) else logging.INFO)
     cfg = load_config(ctx)
     with open_cluster(cfg) as cluster:
+        if job is not None:
+            JobStore(cluster).get(job)  # an unknown id is an error, not an idle runner
         runner = JobRunner(cluster, ControlClient(cfg.fetcher), concurrency)
         typer.echo("job runner ready", err=True)
-        runner.serve(once=once)
+        runner.serve(once=once, only=job)

@@ -173,8 +173,10 @@ class JobRunner:
         rate = (fraction - live.start_fraction) * record.bytes_total / elapsed if elapsed else 0
         return record.with_(progress=fraction, rate_bytes_per_s=rate)
 
-    def serve(self, poll_seconds: float = 2.0, once: bool = False) -> None:
-        """Run every active job until stopped; with ``once``, until no job is active.
+    def serve(self, poll_seconds: float = 2.0, once: bool = False,
+              only: str | None = None) -> None:
+        """Run every active job (or only job ``only``) until stopped; with ``once``,
+        until no such job is active.
 
         A job whose runner died stays locked until its lock expires; it is then
         taken over here, so waiting for it is part of "once".
@@ -182,7 +184,7 @@ class JobRunner:
         while True:
             active = ran = 0
             for record in self.store.list():
-                if record.state not in ACTIVE:
+                if record.state not in ACTIVE or only not in (None, record.id):
                     continue
                 active += 1
                 try:

@@ -242,6 +242,8 @@ def test_bad_input_creates_nothing(cluster: devcluster.ClusterInfo, site: dict[s
                                          "--mode", "instant")
     jobs = cli.json("status")["jobs"]
     assert not any(j["image"] == f"volumes/{target}" for j in jobs)
+    assert "does not exist" in cli.fails("jobs", "run", "r20200101T000000Z-000000", "--once")
+    assert "not a job id" in cli.fails("jobs", "run", "nonsense", "--once")
 
 
 def test_restore_with_history_brings_snapshots_and_next_backup_is_incremental(

@@ -160,7 +160,7 @@ def test_relocation_reads_after_the_first_window_are_cache_hits(
         cli = Cli(cluster, volume["prefix"], fetcher.env_overrides)
         job, _ = instant(cli, volume, target)
         before = counts(fetcher, "relocation", "guest")
-        ran = cli.run("jobs", "run", "--once")
+        ran = cli.run("jobs", "run", job, "--once")
         assert ran.returncode == 0, ran.stderr
         assert cli.json("status", job)["jobs"][0]["state"] == "committed"
         after = counts(fetcher, "relocation", "guest")
