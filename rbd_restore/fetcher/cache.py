@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -35,7 +34,6 @@ from rbd_restore.repo.layout import CHUNK_ID
 
 log = logging.getLogger(__name__)
 
-RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14 and later
 MAX_SPILLING = 8  # chunks on their way from memory to disk at once; more are dropped
 HOT_SECONDS = 30.0  # a chunk staged in memory this long ago and not read yet may be dropped
 
@@ -66,7 +64,6 @@ class ChunkCache:
         self.verified: set[str] = set()
         self.in_flight: dict[str, asyncio.Future[bytes | None]] = {}
         self.staged_unused: dict[str, str] = {}  # chunk id -> prefetch class that fetched it
-        self.nowait_reads = RWF_NOWAIT != 0
         self._load()
 
     def _load(self) -> None:
@@ -161,9 +158,8 @@ class ChunkCache:
                 data = fetched[offset:offset + length]
             else:
                 try:
-                    cached = self._pread_if_in_memory(chunk_id, offset, length)
-                    data = cached if cached is not None else await asyncio.get_running_loop(
-                        ).run_in_executor(self.executor, self._pread, chunk_id, offset, length)
+                    data = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self._pread, chunk_id, offset, length)
                 except FileNotFoundError:  # evicted between ensure and read
                     self._forget(chunk_id)
                     continue
@@ -176,33 +172,6 @@ class ChunkCache:
             return os.pread(fd, length, offset)
         finally:
             os.close(fd)
-
-    def _pread_if_in_memory(self, chunk_id: str, offset: int, length: int) -> bytes | None:
-        """The bytes, read on the event loop, when the page cache holds all of them;
-        None when reading them could wait for the disk.
-
-        A read on the executor costs a thread hop and a wait for the GIL behind the
-        prefetch threads: measured, 0.5-5 ms for a 2 MiB cluster whose chunk was
-        in the page cache (it was just staged), the tail of the guest's read latency.
-        ``RWF_NOWAIT`` makes the kernel refuse instead of reading from the disk.
-        """
-        if not self.nowait_reads:
-            return None
-        wanted = max(0, min(length, self.entries.get(chunk_id, 0) - offset))
-        buffer = bytearray(wanted)
-        fd = os.open(self.path(chunk_id), os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [buffer], offset, RWF_NOWAIT)
-        except BlockingIOError:
-            return None
-        except OSError as exc:  # a file system without RWF_NOWAIT: always the executor
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            self.nowait_reads = False
-            return None
-        finally:
-            os.close(fd)
-        return bytes(buffer) if got == wanted else None
 
     async def _ensure(self, chunk_id: str, length: int, executor: Executor,
                       count_hit: bool = True, in_memory: bool = False) -> bytes | None:
