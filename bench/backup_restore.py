@@ -119,6 +119,10 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
         report.add(Row("backup --full", "throughput", median(samples["backup"]), "MiB/s",
                        "min(rbd export, parallel PUT)", backup_limit, ">= 0.8x",
                        samples["backup"]))
+        combined_backup = 1 / (1 / median(samples["export"]) + 1 / median(samples["put"]))
+        report.add(Row("backup --full vs export and PUT done one after the other",
+                       "throughput", median(samples["backup"]), "MiB/s",
+                       "1 / (1/export + 1/PUT)", combined_backup, "", samples["backup"]))
         report.add(Row("rbd export of the snapshot", "throughput", median(samples["export"]),
                        "MiB/s", runs=samples["export"]))
         report.add(Row(f"parallel boto3 PUT ({WORKERS} threads)", "throughput",
