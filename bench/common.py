@@ -28,6 +28,17 @@ def bench_cluster(osd_gib: int = 48) -> devcluster.ClusterInfo:
     return devcluster.up(root, osd_bytes=osd_gib << 30, objectstore="bluestore").info
 
 
+def collect_rgw_garbage(cluster: devcluster.ClusterInfo) -> None:
+    """Free what deleted bench objects still hold, now, outside every measurement.
+
+    RGW frees the data of deleted objects in the background two hours after the
+    delete (rgw_gc_obj_min_wait): a run after an earlier one had that work, several
+    GiB of it, land in the middle of its measurements, and repeated runs filled
+    the bench OSD."""
+    subprocess.run(["radosgw-admin", "-c", str(cluster.ceph_conf), "gc", "process",
+                    "--include-all"], check=True, capture_output=True)
+
+
 def open_volumes(cluster: devcluster.ClusterInfo) -> tuple[Any, Any]:
     """A RADOS handle as admin and an ioctx on the ``volumes`` pool; the caller closes both."""
     import rados

@@ -6,7 +6,7 @@ import compileall
 import sys
 
 from bench import backup_restore, boot, fetcher, relocation
-from bench.common import REPO_ROOT, bench_cluster, write_reports
+from bench.common import REPO_ROOT, bench_cluster, collect_rgw_garbage, write_reports
 
 
 def main() -> int:
@@ -15,8 +15,11 @@ def main() -> int:
     compileall.compile_dir(str(REPO_ROOT / "rbd_restore"), quiet=1)
     cluster = bench_cluster()
     print(f"bench cluster in {cluster.dir}", flush=True)
-    reports = [boot.run(cluster), relocation.run(cluster), backup_restore.run(cluster),
-               fetcher.run(cluster)]
+    reports = []
+    for module in (boot, relocation, backup_restore, fetcher):
+        collect_rgw_garbage(cluster)  # what the previous one (or an earlier run) deleted
+        reports.append(module.run(cluster))
+    collect_rgw_garbage(cluster)
     path = write_reports(reports)
     print(f"report: {path} and {path.parent / 'latest.md'}")
     return 0
