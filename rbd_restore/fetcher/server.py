@@ -13,6 +13,7 @@ import contextlib
 import logging
 import sys
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,7 @@ class FetcherService:
         self.view_loads: dict[tuple[str, ...], asyncio.Task[Qcow2View]] = {}
         self.paced_until: dict[str, float] = {}
         self.pad_headers = fc.pad_headers != 0
+        self.padded_connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.control = ControlPlane(token, self.book, self.prefetch, self.metrics, self.blocking,
                                     self._prime)
 
@@ -177,7 +179,7 @@ class FetcherService:
                    "ETag": f'"{claim.backup_id}"', "Server": SERVER}
         if request.method == "HEAD":
             response = web.StreamResponse(status=200, headers=self._sized(
-                200, {**headers, "Content-Length": str(view.size)}))
+                request, 200, {**headers, "Content-Length": str(view.size)}))
             await response.prepare(request)
             await response.write_eof()
             return response
@@ -206,7 +208,7 @@ class FetcherService:
         except UserError as exc:
             return self._failed(exc, claim.session_id)
         response = web.StreamResponse(status=status, headers=self._sized(
-            status, {**headers, "Content-Length": str(wanted.length)}))
+            request, status, {**headers, "Content-Length": str(wanted.length)}))
         await response.prepare(request)
         await response.write(first)
         self.metrics.bytes_served.inc(len(first))
@@ -222,8 +224,15 @@ class FetcherService:
         self.prefetch.served(prefetch, plan)
         return response
 
-    def _sized(self, status: int, headers: dict[str, str]) -> dict[str, str]:
-        return padded(status, headers) if self.pad_headers else headers
+    def _sized(self, request: web.Request, status: int,
+               headers: dict[str, str]) -> dict[str, str]:
+        """Padded headers for the first successful reply on a connection (headers.py):
+        librbd's receive buffer keeps the size it grew to for the connection's life."""
+        connection = request.transport
+        if not self.pad_headers or connection is None or connection in self.padded_connections:
+            return headers
+        self.padded_connections.add(connection)
+        return padded(status, headers)
 
     async def _assemble(self, segments: list[Segment], in_memory: bool = False) -> bytes:
         pieces: list[Awaitable[bytes]] = [self._segment_bytes(s, in_memory) for s in segments]
