@@ -51,24 +51,31 @@ def _free_port() -> int:
 class Fetcher:
     def __init__(self, cluster: devcluster.ClusterInfo, prefix: str, cache: Path,
                  extra_env: dict[str, str] | None = None) -> None:
-        self.env_overrides = {
-            "RBD_RESTORE_FETCHER_LISTEN": f"127.0.0.1:{_free_port()}",
-            "RBD_RESTORE_FETCHER_CONTROL_LISTEN": f"127.0.0.1:{_free_port()}",
-            "RBD_RESTORE_FETCHER_METRICS_LISTEN": f"127.0.0.1:{_free_port()}",
-        }
-        self.env = {**os.environ, "RBD_RESTORE_CONFIG": str(cluster.config),
-                    "RBD_RESTORE_S3_PREFIX": prefix, **(extra_env or {}),
-                    **self.env_overrides}
         self.log = cache.parent / f"{cache.name}.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve", "--cache-dir",
-                 str(cache), "--cache-size", "8G", "--log-level", "warning"],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        while b"fetcher ready" not in self.log.read_bytes():
-            if self.proc.poll() is not None:
+        # A port found free can be taken (by an outgoing connection, say) before the
+        # fetcher binds it: then it is started again on other ports.
+        for _attempt in range(5):
+            self.env_overrides = {
+                "RBD_RESTORE_FETCHER_LISTEN": f"127.0.0.1:{_free_port()}",
+                "RBD_RESTORE_FETCHER_CONTROL_LISTEN": f"127.0.0.1:{_free_port()}",
+                "RBD_RESTORE_FETCHER_METRICS_LISTEN": f"127.0.0.1:{_free_port()}",
+            }
+            self.env = {**os.environ, "RBD_RESTORE_CONFIG": str(cluster.config),
+                        "RBD_RESTORE_S3_PREFIX": prefix, **(extra_env or {}),
+                        **self.env_overrides}
+            with open(self.log, "wb") as out:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve",
+                     "--cache-dir", str(cache), "--cache-size", "8G", "--log-level", "warning"],
+                    env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            while b"fetcher ready" not in self.log.read_bytes() and self.proc.poll() is None:
+                time.sleep(0.05)
+            if self.proc.poll() is None:
+                break
+            if "address already in use" not in self.log.read_text():
                 raise RuntimeError(self.log.read_text()[-1000:])
-            time.sleep(0.05)
+        else:
+            raise RuntimeError(self.log.read_text()[-1000:])
         saved = dict(os.environ)
         os.environ.update(self.env)
         self.settings = config_mod.load(str(cluster.config)).fetcher

@@ -18,6 +18,9 @@ from typing import Any
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 
+LISTENERS = ("RBD_RESTORE_FETCHER_LISTEN", "RBD_RESTORE_FETCHER_CONTROL_LISTEN",
+             "RBD_RESTORE_FETCHER_METRICS_LISTEN")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -38,12 +41,12 @@ class FetcherProcess:
 
     def __post_init__(self) -> None:
         # Ports of its own, so replicas and parallel tests never collide.
-        self.env_overrides.setdefault("RBD_RESTORE_FETCHER_LISTEN",
-                                      f"127.0.0.1:{free_port()}")
-        self.env_overrides.setdefault("RBD_RESTORE_FETCHER_CONTROL_LISTEN",
-                                      f"127.0.0.1:{free_port()}")
-        self.env_overrides.setdefault("RBD_RESTORE_FETCHER_METRICS_LISTEN",
-                                      f"127.0.0.1:{free_port()}")
+        self.own_ports = [key for key in LISTENERS if key not in self.env_overrides]
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        for key in self.own_ports:
+            self.env_overrides[key] = f"127.0.0.1:{free_port()}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -62,19 +65,29 @@ class FetcherProcess:
 
     def start(self, timeout: float = 30) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.cache_dir.parent / f"fetcher-{time.monotonic_ns()}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve", "--cache-dir",
-                 str(self.cache_dir), "--log-level", "debug", *self.args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while b"fetcher ready" not in self.log_path.read_bytes():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fetcher exited: {self.log_path.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("fetcher did not become ready")
-            time.sleep(0.05)
+        for _attempt in range(5):
+            self.log_path = self.cache_dir.parent / f"fetcher-{time.monotonic_ns()}.log"
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve",
+                     "--cache-dir", str(self.cache_dir), "--log-level", "debug", *self.args],
+                    env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + timeout
+            while b"fetcher ready" not in self.log_path.read_bytes():
+                if self.proc.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("fetcher did not become ready")
+                time.sleep(0.05)
+            else:
+                return
+            output = self.log_path.read_text()
+            # A port found free can be taken before the fetcher binds it (an outgoing
+            # connection's ephemeral port): start again on other ports of our own.
+            if "address already in use" not in output or not self.own_ports:
+                raise RuntimeError(f"fetcher exited: {output[-2000:]}")
+            self._pick_ports()
+        raise RuntimeError(f"fetcher kept finding its ports taken: {output[-500:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
