@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
-import json
-import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -36,79 +31,31 @@ from rbd_restore.ceph import remove_image
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository, new_backup_id
 from rbd_restore.repo.store import ObjectStore, make_client
+from tests.support.fetcher_proc import FetcherProcess
 
 MiB = 1 << 20
 GET_THREADS = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+class Fetcher(FetcherProcess):
+    """A fetcher for one benchmark step, started at once: quiet logs, an 8 GB cache,
+    ``extra_env`` on top of the bench cluster's configuration."""
 
-
-class Fetcher:
     def __init__(self, cluster: devcluster.ClusterInfo, prefix: str, cache: Path,
                  extra_env: dict[str, str] | None = None) -> None:
-        self.log = cache.parent / f"{cache.name}.log"
-        # A port found free can be taken (by an outgoing connection, say) before the
-        # fetcher binds it: then it is started again on other ports.
-        for _attempt in range(5):
-            self.env_overrides = {
-                "RBD_RESTORE_FETCHER_LISTEN": f"127.0.0.1:{_free_port()}",
-                "RBD_RESTORE_FETCHER_CONTROL_LISTEN": f"127.0.0.1:{_free_port()}",
-                "RBD_RESTORE_FETCHER_METRICS_LISTEN": f"127.0.0.1:{_free_port()}",
-            }
-            self.env = {**os.environ, "RBD_RESTORE_CONFIG": str(cluster.config),
-                        "RBD_RESTORE_S3_PREFIX": prefix, **(extra_env or {}),
-                        **self.env_overrides}
-            with open(self.log, "wb") as out:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve",
-                     "--cache-dir", str(cache), "--cache-size", "8G", "--log-level", "warning"],
-                    env=self.env, stdout=out, stderr=subprocess.STDOUT)
-            while b"fetcher ready" not in self.log.read_bytes() and self.proc.poll() is None:
-                time.sleep(0.05)
-            if self.proc.poll() is None:
-                break
-            if "address already in use" not in self.log.read_text():
-                raise RuntimeError(self.log.read_text()[-1000:])
-        else:
-            raise RuntimeError(self.log.read_text()[-1000:])
-        saved = dict(os.environ)
-        os.environ.update(self.env)
-        self.settings = config_mod.load(str(cluster.config)).fetcher
-        os.environ.clear()
-        os.environ.update(saved)
+        super().__init__(cluster, cache, prefix, dict(extra_env or {}), ("--cache-size", "8G"),
+                         log_level="warning")
+        self.start()
 
     def session(self, backup_id: str) -> str:
-        request = urllib.request.Request(
-            self.settings.control_base + "/v1/sessions", method="POST",
-            data=json.dumps({"backup_id": backup_id}).encode(),
-            headers={"Authorization": f"Bearer {self.settings.control_token}"})
-        with urllib.request.urlopen(request) as reply:
-            return str(json.loads(reply.read())["url"])
-
-    def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://{self.settings.metrics_listen}/metrics") as reply:
-            text = reply.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
+        return str(self.create_session(backup_id)["url"])
 
     def rss_mib(self) -> float:
+        assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return 0.0
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
 
 
 def _reads(url: str, ranges: list[tuple[int, int]]) -> list[float]:

@@ -36,6 +36,7 @@ class FetcherProcess:
     prefix: str
     env_overrides: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()
+    log_level: str = "debug"
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -70,7 +71,8 @@ class FetcherProcess:
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve",
-                     "--cache-dir", str(self.cache_dir), "--log-level", "debug", *self.args],
+                     "--cache-dir", str(self.cache_dir), "--log-level", self.log_level,
+                     *self.args],
                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + timeout
             while b"fetcher ready" not in self.log_path.read_bytes():
