@@ -64,7 +64,7 @@ class FetcherSettings:
     metrics_listen: str = "127.0.0.1:8472"
     cache_dir: str = "/var/cache/rbd-restore"
     cache_size: str = "20G"
-    memory_cache: str = "128M"  # relocation chunks staged in memory; "0": on disk
+    memory_cache: str = "64M"  # relocation chunks staged in memory; "0": on disk
     cache_relocated: int = 0  # 1: chunks the relocation copied go to the disk cache
     s3_concurrency: int = 16
     s3_stall_seconds: int = 600

@@ -35,7 +35,12 @@ from rbd_restore.prefetch.profiles import (
     heuristic_chunks,
     partition_starts,
 )
-from rbd_restore.prefetch.relocation import RateMeter, RelocationFollower, SequentialDetector
+from rbd_restore.prefetch.relocation import (
+    RateMeter,
+    RelocationFollower,
+    SequentialDetector,
+    window_bounds,
+)
 from rbd_restore.prefetch.scheduler import PrefetchClass, PrefetchScheduler
 from rbd_restore.qcow2.view import ChunkSlice, Qcow2View, Segment
 from rbd_restore.units import parse_size
@@ -85,7 +90,7 @@ class ReadPlan:
 
 class SessionPrefetch:
     def __init__(self, session_id: str, view: Qcow2View, opened_at: float,
-                 settings: PrefetchSettings, cache_bytes: int) -> None:
+                 settings: PrefetchSettings, cache_bytes: int, memory_bytes: int) -> None:
         self.session_id = session_id
         self.view = view
         try:
@@ -93,10 +98,9 @@ class SessionPrefetch:
         except UserError:
             self.volume = None
         self.recorder = BootRecorder(opened_at, settings.boot_window_seconds)
-        fits = max(1, cache_bytes // (4 * view.manifest.chunk_size))
-        self.follower = RelocationFollower(len(view.unique_ids), settings.prime,
-                                           min(settings.relocation_window_min, fits),
-                                           min(settings.relocation_window_max, fits))
+        self.follower = RelocationFollower(len(view.unique_ids), settings.prime, *window_bounds(
+            settings.relocation_window_min, settings.relocation_window_max,
+            view.manifest.chunk_size, cache_bytes, memory_bytes))
         self.detector = SequentialDetector()
         self.profile_ids: set[str] = set()
         self.primed_by = ""
@@ -163,7 +167,7 @@ class Prefetcher:
             self.sessions.move_to_end(session_id)
             return state
         state = SessionPrefetch(session_id, view, opened_at, self.settings,
-                                self.cache.max_bytes)
+                                self.cache.max_bytes, self.cache.memory_bytes)
         self.sessions[session_id] = state
         if len(self.sessions) > SESSIONS_TRACKED:
             self.sessions.popitem(last=False)

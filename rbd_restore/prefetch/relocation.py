@@ -18,7 +18,9 @@ index of a distinct chunk's clusters in the file):
 - chunks the session already read whole are in the destination (copied, or a
   guest write's copy-up), and the relocation will not ask for them again;
 - the window ahead grows with the measured S3 rate and latency: what the
-  relocation consumes while one fetch is in flight, plus the parallel fetches.
+  relocation consumes while one fetch is in flight, plus the parallel fetches;
+  it never holds more than the memory the relocation's chunks are staged in
+  (:func:`window_bounds`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,18 @@ class SequentialDetector:
         found = any(c - 1 in self.recent or c + 1 in self.recent for c in clusters)
         self.recent.extend(clusters)
         return found
+
+
+def window_bounds(window_min: int, window_max: int, chunk_bytes: int, cache_bytes: int,
+                  memory_bytes: int) -> tuple[int, int]:
+    """The window's bounds in chunks: the settings, at most a quarter of the disk cache,
+    and at most what fits in memory when the relocation is staged there. A window
+    larger than memory sent the overflow to the disk cache (a write and a read back
+    per chunk) and held the fetcher's RSS above its budget while relocating."""
+    limit = max(1, cache_bytes // (4 * chunk_bytes))
+    if memory_bytes >= chunk_bytes:
+        limit = min(limit, memory_bytes // chunk_bytes)
+    return min(window_min, limit), min(window_max, limit)
 
 
 class RelocationFollower:

@@ -16,7 +16,12 @@ from rbd_restore.prefetch.profiles import (
     heuristic_chunks,
     partition_starts,
 )
-from rbd_restore.prefetch.relocation import RateMeter, RelocationFollower, SequentialDetector
+from rbd_restore.prefetch.relocation import (
+    RateMeter,
+    RelocationFollower,
+    SequentialDetector,
+    window_bounds,
+)
 from rbd_restore.repo.manifest import Manifest, Source
 
 VOLUME = VolumeKey("7f1e9a62-3a5c-4a1e-9f0e-2b8c6d4e5f60", "10a2b3c4d5e6")
@@ -160,3 +165,13 @@ def test_window_skips_held_chunks_and_grows_with_the_s3_rate() -> None:
         del step
     assert follower.window(meter, 4 * MiB, 2) == 32
     assert follower.ahead(200)[-1] == 99  # never past the last chunk
+
+
+def test_window_fits_in_the_memory_the_relocation_is_staged_in() -> None:
+    # 64 MiB of memory holds 16 chunks of 4 MiB: more would spill to the disk cache.
+    assert window_bounds(8, 64, 4 * MiB, 8 << 30, 64 * MiB) == (8, 16)
+    # Memory smaller than the minimum: the minimum shrinks with it.
+    assert window_bounds(8, 64, 32 * MiB, 8 << 30, 64 * MiB) == (2, 2)
+    # No memory staging (memory_cache = 0): a quarter of the disk cache bounds it.
+    assert window_bounds(8, 64, 4 * MiB, 128 * MiB, 0) == (8, 8)
+    assert window_bounds(8, 64, 4 * MiB, 8 << 30, 0) == (8, 64)
