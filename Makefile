@@ -18,7 +18,7 @@ lint: install
 	$(VENV)/bin/ruff check rbd_restore tests bench scripts
 
 type: install
-	$(VENV)/bin/mypy rbd_restore
+	$(VENV)/bin/mypy rbd_restore bench tests scripts
 
 unit: install
 	$(VENV)/bin/pytest -q tests/unit

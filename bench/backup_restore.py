@@ -16,7 +16,16 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.common import Report, Row, bench_cluster, cli, median, open_volumes, timed
+from bench.common import (
+    Report,
+    Row,
+    bench_cluster,
+    cli,
+    map_all,
+    median,
+    open_volumes,
+    timed,
+)
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
@@ -71,13 +80,13 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
         for run_no in range(runs):
             prefix = f"bench-{uuid.uuid4().hex[:8]}/"
             env = {"RBD_RESTORE_S3_PREFIX": prefix}
-            secs, result = timed(lambda env=env: cli(cluster, "backup", f"volumes/{src}",
-                                                     "--full", env=env))
+            secs, result = timed(cli, cluster, "backup", f"volumes/{src}", "--full", env=env)
             samples["backup"].append(data_bytes / secs / MiB)
             snap = f"volumes/{src}@rbd-restore.{result['backup_id']}"
-            secs, _ = timed(lambda snap=snap: subprocess.run(
+            secs, _ = timed(
+                subprocess.run,
                 ["rbd", "-c", str(cluster.ceph_conf), "export", "--no-progress", snap, "-"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             samples["export"].append(data_bytes / secs / MiB)
 
             def put(i: int, prefix: str = prefix) -> None:
@@ -85,12 +94,12 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                               Body=_extent(pool, i))
 
             with ThreadPoolExecutor(WORKERS) as ex:
-                secs, _ = timed(lambda ex=ex, put=put: list(ex.map(put, extents)))
+                secs, _ = timed(map_all, ex, put, extents)
             samples["put"].append(data_bytes / secs / MiB)
 
             target = f"{src}-r{run_no}"
-            secs, _ = timed(lambda env=env, target=target, result=result: cli(
-                cluster, "restore", result["backup_id"], f"volumes/{target}", env=env))
+            secs, _ = timed(cli, cluster, "restore", result["backup_id"], f"volumes/{target}",
+                            env=env)
             samples["restore"].append(data_bytes / secs / MiB)
             remove_image(ioctx, target)
 
@@ -101,7 +110,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 s3.get_object(Bucket=cluster.bucket, Key=key)["Body"].read()
 
             with ThreadPoolExecutor(WORKERS) as ex:
-                secs, _ = timed(lambda ex=ex, get=get, keys=keys: list(ex.map(get, keys)))
+                secs, _ = timed(map_all, ex, get, keys)
             samples["get"].append(data_bytes / secs / MiB)
 
             with tempfile.TemporaryDirectory(dir=str(cluster.dir)) as tmp:
@@ -109,9 +118,9 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "export", snap, raw],
                                check=True, capture_output=True)
                 imported = f"{src}-i{run_no}"
-                secs, _ = timed(lambda raw=raw, imported=imported: subprocess.run(
-                    ["rbd", "-c", str(cluster.ceph_conf), "import", raw,
-                     f"volumes/{imported}"], check=True, capture_output=True))
+                secs, _ = timed(subprocess.run, ["rbd", "-c", str(cluster.ceph_conf), "import",
+                                                 raw, f"volumes/{imported}"],
+                                check=True, capture_output=True)
                 samples["import"].append(data_bytes / secs / MiB)
                 remove_image(ioctx, imported)
             _delete_prefix(s3, cluster.bucket, prefix)
@@ -163,7 +172,7 @@ def _unchanged_backup(cluster: devcluster.ClusterInfo, ioctx: Any, pool: bytes,
         cli(cluster, "backup", f"volumes/{name}", env=env)
         seconds: list[float] = []
         for _ in range(runs):
-            secs, result = timed(lambda: cli(cluster, "backup", f"volumes/{name}", env=env))
+            secs, result = timed(cli, cluster, "backup", f"volumes/{name}", env=env)
             if result["bytes_read"] != 0:
                 raise RuntimeError("an unchanged image's backup read data")
             seconds.append(secs)

@@ -24,7 +24,17 @@ from typing import Any, TypeVar
 from boto3.s3.transfer import TransferConfig
 
 from bench.backup_restore import _delete_prefix
-from bench.common import Report, Row, bench_cluster, cli, median, open_volumes, timed
+from bench.common import (
+    Report,
+    Row,
+    bench_cluster,
+    cli,
+    execute_commit,
+    map_all,
+    median,
+    open_volumes,
+    timed,
+)
 from bench.fetcher import Fetcher
 from bench.trace import record, replay
 from rbd_restore import config as config_mod
@@ -206,8 +216,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
             started = time.monotonic()
             rbd.RBD().migration_prepare_import(ceph_specs["ceph"], ioctx, target)
             samples["ceph"].append(boot_on(target) - started)
-            secs, _ = timed(lambda t=target: (rbd.RBD().migration_execute(ioctx, t),
-                                              rbd.RBD().migration_commit(ioctx, t)))
+            secs, _ = timed(execute_commit, ioctx, target)
             samples["reloc_ceph"].append(secs)
             used["ceph"] = _used(cluster, target)
             remove_image(ioctx, target)
@@ -232,8 +241,8 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 samples["instant"].append(boot_on(target) - started)
                 samples["instant_paired"].append(samples["instant"][-1] / local_before)
                 # This job only: one left behind by an interrupted run would stall the rest.
-                secs, _ = timed(lambda fenv=fenv, job=job: _rr(
-                    cluster, fenv, "jobs", "run", job, "--once", "--log-level", "warning"))
+                secs, _ = timed(_rr, cluster, fenv, "jobs", "run", job, "--once",
+                                "--log-level", "warning")
                 samples["reloc_ours"].append(secs)
                 assert cli(cluster, "status", job, env=fenv)["jobs"][0]["state"] == "committed"
                 used["ours"] = _used(cluster, target)
@@ -275,7 +284,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 wan_s3.get_object(Bucket=cluster.bucket, Key=key)["Body"].read()
 
             with ThreadPoolExecutor(16) as ex:
-                secs, _ = timed(lambda ex=ex, get=get: list(ex.map(get, chunk_keys)))
+                secs, _ = timed(map_all, ex, get, chunk_keys)
             samples["reloc_get"].append(secs)
     finally:
         remove_image(ioctx, source)

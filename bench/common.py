@@ -10,13 +10,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rbd_restore import devcluster
 
+T = TypeVar("T")
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
 REPO_ROOT = BENCH_DIR.parent
@@ -49,10 +51,25 @@ def open_volumes(cluster: devcluster.ClusterInfo) -> tuple[Any, Any]:
     return handle, handle.open_ioctx("volumes")
 
 
-def timed(action: Callable[[], Any]) -> tuple[float, Any]:
+def timed(action: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
+    """Seconds ``action(*args, **kwargs)`` took, and its result."""
     started = time.monotonic()
-    result = action()
+    result = action(*args, **kwargs)
     return time.monotonic() - started, result
+
+
+def execute_commit(ioctx: Any, name: str) -> None:
+    """Relocate a prepared migration and commit it: what ``rbd migration execute`` and
+    ``commit`` do."""
+    import rbd
+
+    rbd.RBD().migration_execute(ioctx, name)
+    rbd.RBD().migration_commit(ioctx, name)
+
+
+def map_all(executor: Executor, action: Callable[[T], Any], items: Iterable[T]) -> list[Any]:
+    """``action`` over every item on ``executor``; waits for all (for :func:`timed`)."""
+    return list(executor.map(action, items))
 
 
 def median(values: list[float]) -> float:
@@ -97,9 +114,9 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        if self.baseline_value in (None, 0):
+        if not self.baseline_value:
             return None
-        return self.value / self.baseline_value  # type: ignore[operator]
+        return self.value / self.baseline_value
 
 
 @dataclass

@@ -10,6 +10,7 @@ backup and at its peak during the cold pass (the relocation's read pattern).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.client
 import random
 import statistics
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.backup_restore import CHUNK, WORKERS, _delete_prefix, _extent, _pool_bytes
-from bench.common import Report, Row, bench_cluster, cli, median, open_volumes, timed
+from bench.common import Report, Row, bench_cluster, cli, map_all, median, open_volumes, timed
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
@@ -77,13 +78,18 @@ class Fetcher(FetcherProcess):
         return 0.0
 
 
-def _reads(url: str, ranges: list[tuple[int, int]]) -> list[float]:
+def _connect(url: str) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to the URL's host and the URL's path."""
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=300), parts.path
+
+
+def _reads(url: str, ranges: list[tuple[int, int]]) -> list[float]:
+    conn, path = _connect(url)
     latencies = []
     for start, end in ranges:
         began = time.perf_counter()
-        conn.request("GET", parts.path, headers={"Range": f"bytes={start}-{end - 1}"})
+        conn.request("GET", path, headers={"Range": f"bytes={start}-{end - 1}"})
         reply = conn.getresponse()
         body = reply.read()
         if reply.status != 206 or len(body) != end - start:
@@ -94,9 +100,8 @@ def _reads(url: str, ranges: list[tuple[int, int]]) -> list[float]:
 
 
 def _file_size(url: str) -> int:
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port)
-    conn.request("HEAD", parts.path)
+    conn, path = _connect(url)
+    conn.request("HEAD", path)
     size = int(conn.getresponse().getheader("Content-Length") or 0)
     conn.close()
     return size
@@ -135,7 +140,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                 first_data = size - data_bytes
                 ranges = [(o, o + CHUNK) for o in range(first_data, size, CHUNK)]
                 (secs, _), peak = fetcher.peak_rss_during(
-                    lambda url=url, ranges=ranges: timed(lambda: _reads(url, ranges)))
+                    functools.partial(timed, _reads, url, ranges))
                 samples["cold"].append(data_bytes / secs / MiB)
                 samples["rss_cold"].append(peak)
             finally:
@@ -148,7 +153,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
             try:
                 url = fetcher.session(backup_id)
                 _reads(url, ranges)
-                secs, _ = timed(lambda url=url, ranges=ranges: _reads(url, ranges))
+                secs, _ = timed(_reads, url, ranges)
                 samples["warm"].append(data_bytes / secs / MiB)
                 rng = random.Random(run_no)
                 small = [(o, o + 4096) for o in
@@ -162,7 +167,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                 s3.get_object(Bucket=cluster.bucket, Key=key)["Body"].read()
 
             with ThreadPoolExecutor(GET_THREADS) as ex:
-                secs, _ = timed(lambda ex=ex, get=get: list(ex.map(get, keys)))
+                secs, _ = timed(map_all, ex, get, keys)
             samples["get"].append(data_bytes / secs / MiB)
         samples["rss"].append(_rss_for_100_gib(cluster, cfg, prefix, backup_id, workdir))
     finally:

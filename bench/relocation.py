@@ -22,7 +22,17 @@ from typing import Any
 
 from bench.backup_restore import CHUNK, WORKERS, _delete_prefix, _extent, _pool_bytes
 from bench.boot import _proxy, _used
-from bench.common import Report, Row, bench_cluster, cli, median, open_volumes, timed
+from bench.common import (
+    Report,
+    Row,
+    bench_cluster,
+    cli,
+    execute_commit,
+    map_all,
+    median,
+    open_volumes,
+    timed,
+)
 from bench.fetcher import Fetcher
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
@@ -76,19 +86,16 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
         def get(key: str) -> None:
             wan_s3.get_object(Bucket=cluster.bucket, Key=key)["Body"].read()
 
-        def execute_commit(name: str) -> None:
-            rbd.RBD().migration_execute(ioctx, name)
-            rbd.RBD().migration_commit(ioctx, name)
-
         for run_no in range(runs):
             with ThreadPoolExecutor(GET_THREADS) as ex:
-                secs, _ = timed(lambda ex=ex: list(ex.map(get, keys)))
+                secs, _ = timed(map_all, ex, get, keys)
             samples["get"].append(secs)
             # The other half of a relocation: writing the same data into the pool.
             imported = f"reloc-import-{run_no}-{uuid.uuid4().hex[:4]}"
-            secs, _ = timed(lambda imported=imported: subprocess.run(
+            secs, _ = timed(
+                subprocess.run,
                 ["rbd", "-c", str(cluster.ceph_conf), "import", "--no-progress", str(raw_file),
-                 f"volumes/{imported}"], check=True, capture_output=True))
+                 f"volumes/{imported}"], check=True, capture_output=True)
             samples["import"].append(secs)
             remove_image(ioctx, imported)
 
@@ -97,7 +104,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
             try:
                 job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
                           "instant", env={**env, **fetcher.env_overrides})["job_id"]
-                secs, _ = timed(lambda t=target: execute_commit(t))
+                secs, _ = timed(execute_commit, ioctx, target)
                 samples["ours"].append(secs)
                 used["ours"] = _used(cluster, target)
                 del job  # committed by hand: the record stays "staged" until a runner looks
@@ -107,7 +114,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
 
             target = f"reloc-ceph-{run_no}-{uuid.uuid4().hex[:4]}"
             rbd.RBD().migration_prepare_import(ceph_spec, ioctx, target)
-            secs, _ = timed(lambda t=target: execute_commit(t))
+            secs, _ = timed(execute_commit, ioctx, target)
             samples["ceph"].append(secs)
             used["ceph"] = _used(cluster, target)
             remove_image(ioctx, target)
