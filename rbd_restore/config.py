@@ -45,6 +45,7 @@ class S3Settings:
     bucket: str = ""
     prefix: str = ""
     max_attempts: int = 8
+    sign_payload: int = 0  # 1: SigV4-sign request bodies (every stored object verifies itself)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,8 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
         s3 = dataclasses.replace(s3, secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
     if s3.max_attempts < 1:
         raise ConfigError("config field s3.max_attempts: must be at least 1")
+    if s3.sign_payload not in (0, 1):
+        raise ConfigError("config field s3.sign_payload: must be 0 or 1")
     return Config(ceph=sections["ceph"], s3=s3, pools=sections["pools"],
                   fetcher=sections["fetcher"], source=source)
 

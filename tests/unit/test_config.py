@@ -61,6 +61,7 @@ def test_aws_variables_are_the_credential_fallback(tmp_path: Path,
     ("s3 = 1\n", "s3"),
     ("[s3]\nmax_attempts = 'many'\n", "s3.max_attempts"),
     ("[s3]\nmax_attempts = 0\n", "s3.max_attempts"),
+    ("[s3]\nsign_payload = 2\n", "s3.sign_payload"),
     ("[s3\n", "not valid TOML"),
 ])
 def test_malformed_files_name_the_field(tmp_path: Path, text: str, needle: str) -> None:
@@ -81,3 +82,28 @@ def test_missing_file_and_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_require_names_the_missing_field() -> None:
     with pytest.raises(ConfigError, match=r"s3\.endpoint .*RBD_RESTORE_S3_ENDPOINT"):
         config.require("", "s3.endpoint")
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("sign", "signed"), [(0, False), (1, True)])
+def test_sign_payload_decides_what_a_put_declares(sign: int, signed: bool) -> None:
+    from rbd_restore.repo.store import make_client
+
+    settings = config.S3Settings(endpoint="http://127.0.0.1:9", access_key="k",
+                                 secret_key="s", bucket="b", sign_payload=sign)
+    client = make_client(settings)
+    seen: dict[str, str | bytes] = {}
+
+    def capture(request: object, **_: object) -> None:
+        seen.update({k.lower(): v for k, v in getattr(request, "headers", {}).items()})
+        raise _Captured  # stop before anything reaches the network
+
+    client.meta.events.register("before-send.s3.PutObject", capture)
+    with pytest.raises(_Captured):
+        client.put_object(Bucket="b", Key="k", Body=b"chunk bytes")
+    declared = seen["x-amz-content-sha256"]
+    declared = declared.decode() if isinstance(declared, bytes) else declared
+    assert (declared != "UNSIGNED-PAYLOAD") is signed
