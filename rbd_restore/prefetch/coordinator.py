@@ -51,6 +51,9 @@ Blocking = Callable[..., Awaitable[Any]]
 
 PARTITION_TABLE_BYTES = 34 * 512  # MBR, GPT header and 128 GPT entries
 SESSIONS_TRACKED = 4096
+# A sequential stream that began away from the disk's start (a guest reading a file
+# straight through) is recorded in the boot profile while it covers less than this.
+SHORT_STREAM_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class SessionPrefetch:
             settings.relocation_window_min, settings.relocation_window_max,
             view.manifest.chunk_size, cache_bytes, memory_bytes))
         self.detector = SequentialDetector()
+        self.short_stream = max(2, SHORT_STREAM_BYTES // view.manifest.chunk_size)
         self.profile_ids: set[str] = set()
         self.primed_by = ""
         self.demanded: set[int] = set()
@@ -262,18 +266,21 @@ class Prefetcher:
         clusters = range(max(0, start // size - view.data_start),
                          (end - 1) // size - view.data_start + 1)
         if state.detector.sequential(clusters):
-            state.follower.observe([s.unique for s in slices])
+            stream = state.follower.observe([s.unique for s in slices])
             self._follow(state)
+            if stream is not None and stream.start >= 0 and stream.span < state.short_stream:
+                # The first chunks of a file read straight through are boot reads the
+                # follower can only stage once the stream has begun. The relocation
+                # continues the stream primed at the disk's start (start -1), whose
+                # window already covers a guest reading there: neither is recorded.
+                self._record(state, slices)
             # Chunks read to their end are in the destination now.
             whole = [s.unique for s in slices
                      if s.offset + s.length >= view.unique_clusters[s.unique] * size]
             return ReadPlan("relocation", slices, whole)
-        now = time.time()
+        self._record(state, slices)
         for piece in slices:
             unique = piece.unique
-            chunk = view.head_chunk_of_unique[unique]
-            if chunk >= 0 and not state.recorder.record(chunk, now) and not state.saved:
-                self._spawn(self._save(state))
             if unique not in state.demanded:
                 state.demanded.add(unique)
                 self.metrics.demand_chunks.inc()
@@ -281,6 +288,13 @@ class Prefetcher:
                     state.covered += 1
                     self.metrics.profile_covered_chunks.inc()
         return ReadPlan("guest", slices)
+
+    def _record(self, state: SessionPrefetch, slices: list[ChunkSlice]) -> None:
+        now = time.time()
+        for piece in slices:
+            chunk = state.view.head_chunk_of_unique[piece.unique]
+            if chunk >= 0 and not state.recorder.record(chunk, now) and not state.saved:
+                self._spawn(self._save(state))
 
     def served(self, state: SessionPrefetch, plan: ReadPlan) -> None:
         """After a relocation read: what it copied goes first when space runs out.

@@ -39,6 +39,12 @@ class Stream:
     front: int
     reads: int
     used: int  # read counter at the last read: for least-recently-used replacement
+    start: int = -1  # the unique it began at
+
+    @property
+    def span(self) -> int:
+        """Uniques from where the stream began to its front."""
+        return self.front - self.start
 
 
 class RateMeter:
@@ -67,7 +73,8 @@ class SequentialDetector:
     object, so nearly every cluster it reads has a neighbour (the cluster
     before or after it in the file) among the last few requests. A guest's
     scattered reads rarely do; a guest reading a file straight through does,
-    and is then followed like the relocation instead of being recorded.
+    and is followed like the relocation (the coordinator still records such a
+    stream's first chunks for the boot profile).
     """
 
     def __init__(self, recent: int = 8) -> None:
@@ -113,10 +120,11 @@ class RelocationFollower:
         wanted = slots + 2 * math.ceil(in_flight)
         return max(self.window_min, min(self.window_max, wanted))
 
-    def observe(self, touched: list[int]) -> None:
-        """A sequential read (the relocation, or a copy-up) touched these uniques."""
+    def observe(self, touched: list[int]) -> Stream | None:
+        """A sequential read (the relocation, a file read straight through, a copy-up)
+        touched these uniques; the stream it continued or began."""
         if not touched:
-            return
+            return None
         self.reads += 1
         self.held.update(touched)
         furthest = max(touched)
@@ -125,10 +133,12 @@ class RelocationFollower:
                 stream.front = max(stream.front, furthest)
                 stream.reads += 1
                 stream.used = self.reads
-                return
+                return stream
         if len(self.streams) >= MAX_STREAMS:
             self.streams.remove(min(self.streams, key=lambda s: s.used))
-        self.streams.append(Stream(furthest, 1, self.reads))
+        stream = Stream(furthest, 1, self.reads, min(touched))
+        self.streams.append(stream)
+        return stream
 
     def ahead(self, window: int) -> list[int]:
         """The uniques the windows ahead of the followed streams cover, minus what is held."""

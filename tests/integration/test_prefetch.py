@@ -133,6 +133,48 @@ def test_profile_recorded_then_replayed_from_the_cache(
     assert "no boot profile" in cli.fails("profile", "clear", f"volumes/{volume['name']}")
 
 
+def test_file_read_straight_through_is_in_the_next_profile(
+        cluster: devcluster.ClusterInfo, rados_cluster: Any, volume: dict[str, Any],
+        tmp_path: Path) -> None:
+    """A guest reading a file in the middle of the disk straight through: its reads
+    look like the relocation's, and are recorded for the next boot all the same."""
+    start, length = 100 * MiB, 12 * MiB
+    file_chunks = list(range(start // CHUNK, (start + length) // CHUNK))
+    quiet = {"cold_prefetch": "0", "relocation_window_min": "1"}
+    name = f"volumes/{volume['name']}"
+
+    def read_file(ioctx: Any, target: str, source: rbd.Image) -> None:
+        with rbd.Image(ioctx, target, read_only=True) as image:
+            for offset in range(start, start + length, 256 * 1024):
+                assert image.read(offset, 256 * 1024) == source.read(offset, 256 * 1024)
+
+    Cli(cluster, volume["prefix"], {}).run("profile", "clear", name)
+    with rados_cluster.open_ioctx("volumes") as ioctx, \
+            rbd.Image(ioctx, volume["name"], read_only=True) as source:
+        for round_no, cache in enumerate(("first", "second")):
+            fetcher = fetcher_for(cluster, volume, tmp_path / cache, **quiet)
+            try:
+                cli = Cli(cluster, volume["prefix"], fetcher.env_overrides)
+                job, session = instant(cli, volume, target := f"pf-f-{uuid.uuid4().hex[:6]}")
+                try:
+                    if round_no:
+                        assert wait_for_profile(fetcher, session, len(file_chunks))[
+                            "primed_by"] == "profile"
+                    before = counts(fetcher, "guest", "relocation")
+                    read_file(ioctx, target, source)
+                    after = counts(fetcher, "guest", "relocation")
+                finally:
+                    cli.run("abort", job).check_returncode()  # profile saved at close
+            finally:
+                fetcher.stop()
+            if not round_no:
+                profile = cli.json("profile", "show", name)
+                assert [e["chunk"] for e in profile["entries"]] == file_chunks
+    done = {k: after[k] - before[k] for k in after}
+    assert done["hit"] == len(file_chunks) and done["miss"] == done["wait"] == 0, done
+    cli.run("profile", "clear", name).check_returncode()
+
+
 def test_profile_commands_refuse_bad_input(cluster: devcluster.ClusterInfo,
                                            volume: dict[str, Any]) -> None:
     cli = Cli(cluster, volume["prefix"], {})

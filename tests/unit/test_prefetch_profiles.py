@@ -175,3 +175,15 @@ def test_window_fits_in_the_memory_the_relocation_is_staged_in() -> None:
     # No memory staging (memory_cache = 0): a quarter of the disk cache bounds it.
     assert window_bounds(8, 64, 4 * MiB, 128 * MiB, 0) == (8, 8)
     assert window_bounds(8, 64, 4 * MiB, 8 << 30, 0) == (8, 64)
+
+
+def test_observe_names_the_stream_and_how_far_it_reached() -> None:
+    follower = RelocationFollower(1000, True, 8, 64)
+    relocation = follower.observe([0])
+    assert relocation is not None and relocation.span == 1  # the primed stream, from -1
+    file_read = follower.observe([600])
+    assert file_read is not None and file_read is not relocation and file_read.span == 0
+    for unique in (601, 602, 603):
+        assert follower.observe([unique]) is file_read
+    assert file_read.span == 3
+    assert follower.observe([]) is None
