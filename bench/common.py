@@ -153,15 +153,27 @@ class Report:
 def write_reports(reports: list[Report]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    info = machine()
     path = RESULTS / f"{stamp}.json"
-    path.write_text(json.dumps({"created": stamp, "machine": info,
+    path.write_text(json.dumps({"created": stamp, "machine": machine(),
                                 "reports": [r.as_json() for r in reports]}, indent=2) + "\n")
-    header = [f"# rbd-restore benchmarks, {stamp}", "",
+    write_latest(path)
+    return path
+
+
+def write_latest(path: Path) -> None:
+    """``latest.md`` from a run's JSON report (``python -m bench.common FILE`` redoes it)."""
+    run = json.loads(path.read_text())
+    info = run["machine"]
+    reports = [Report(r["name"], [Row(**{k: v for k, v in row.items() if k != "ratio"})
+                                  for row in r["rows"]], r["notes"]) for r in run["reports"]]
+    header = [f"# rbd-restore benchmarks, {run['created']}", "",
               f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, "
               f"kernel {info['kernel']}, {info['ceph']}.", "",
               "Values are medians of the runs listed in the JSON report; ratios are computed "
               "within this run.", ""]
     (RESULTS / "latest.md").write_text("\n".join(header) + "\n".join(r.markdown()
                                                                     for r in reports))
-    return path
+
+
+if __name__ == "__main__":
+    write_latest(Path(sys.argv[1]))
