@@ -29,6 +29,7 @@ from bench.common import (
     Row,
     bench_cluster,
     cli,
+    drop_caches,
     execute_commit,
     map_all,
     median,
@@ -295,6 +296,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
         handle.shutdown()
         proxy.kill()
         proxy.wait()
+        drop_caches(work)
     local = median(samples["local"])
     report.add(Row("boot: local RBD image (the limit)", "seconds to marker", local, "s",
                    runs=samples["local"]))

@@ -27,6 +27,7 @@ from bench.common import (
     Row,
     bench_cluster,
     cli,
+    drop_caches,
     execute_commit,
     map_all,
     median,
@@ -120,6 +121,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
             remove_image(ioctx, target)
     finally:
         (work / "source.raw").unlink(missing_ok=True)
+        drop_caches(work)
         remove_image(ioctx, source)
         _delete_prefix(s3, cluster.bucket, prefix)
         ioctx.close()
