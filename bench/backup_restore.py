@@ -94,21 +94,14 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             samples["export"].append(data_bytes / secs / MiB)
 
-            def put(i: int, prefix: str = prefix) -> None:
-                s3.put_object(Bucket=cluster.bucket, Key=f"{prefix}raw/{i}",
-                              Body=_extent(pool, i))
+            for key, client, folder in (("put", s3, "raw"), ("put_signed", signed_s3, "signed")):
+                def put(i: int, client: Any = client, where: str = f"{prefix}{folder}") -> None:
+                    client.put_object(Bucket=cluster.bucket, Key=f"{where}/{i}",
+                                      Body=_extent(pool, i))
 
-            with ThreadPoolExecutor(WORKERS) as ex:
-                secs, _ = timed(map_all, ex, put, extents)
-            samples["put"].append(data_bytes / secs / MiB)
-
-            def put_signed(i: int, prefix: str = prefix) -> None:
-                signed_s3.put_object(Bucket=cluster.bucket, Key=f"{prefix}signed/{i}",
-                                     Body=_extent(pool, i))
-
-            with ThreadPoolExecutor(WORKERS) as ex:
-                secs, _ = timed(map_all, ex, put_signed, extents)
-            samples["put_signed"].append(data_bytes / secs / MiB)
+                with ThreadPoolExecutor(WORKERS) as ex:
+                    secs, _ = timed(map_all, ex, put, extents)
+                samples[key].append(data_bytes / secs / MiB)
 
             target = f"{src}-r{run_no}"
             secs, _ = timed(cli, cluster, "restore", result["backup_id"], f"volumes/{target}",

@@ -20,6 +20,8 @@ from tests.support.helpers import Cli, export_digest
 MiB = 1 << 20
 CHUNK = MiB
 DATA = 192 * MiB  # 192 chunks of random data, then zeros
+# No heuristic and a one-chunk first window: only a profile can make guest reads hits.
+QUIET = {"cold_prefetch": "0", "relocation_window_min": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +89,9 @@ def test_profile_recorded_then_replayed_from_the_cache(
         for chunk in range(offset // CHUNK, (offset + length - 1) // CHUNK + 1):
             if chunk not in first_touch:
                 first_touch.append(chunk)
-    # No heuristic and a one-chunk first window: only the profile can make these hits.
-    quiet = {"cold_prefetch": "0", "relocation_window_min": "1"}
     with rados_cluster.open_ioctx("volumes") as ioctx, \
             rbd.Image(ioctx, volume["name"], read_only=True) as source:
-        recorder = fetcher_for(cluster, volume, tmp_path / "first", **quiet)
+        recorder = fetcher_for(cluster, volume, tmp_path / "first", **QUIET)
         try:
             cli = Cli(cluster, volume["prefix"], recorder.env_overrides)
             job, _ = instant(cli, volume, target := f"pf-a-{uuid.uuid4().hex[:6]}")
@@ -109,7 +109,7 @@ def test_profile_recorded_then_replayed_from_the_cache(
         assert recorded == [c for c in first_touch if c in set(recorded)]
         assert len(recorded) >= 0.85 * len(first_touch)
 
-        replayer = fetcher_for(cluster, volume, tmp_path / "second", **quiet)
+        replayer = fetcher_for(cluster, volume, tmp_path / "second", **QUIET)
         try:
             cli = Cli(cluster, volume["prefix"], replayer.env_overrides)
             job, session = instant(cli, volume, target := f"pf-b-{uuid.uuid4().hex[:6]}")
@@ -141,7 +141,6 @@ def test_file_read_straight_through_is_in_the_next_profile(
     look like the relocation's, and are recorded for the next boot all the same."""
     start, length = 100 * MiB, 12 * MiB
     file_chunks = list(range(start // CHUNK, (start + length) // CHUNK))
-    quiet = {"cold_prefetch": "0", "relocation_window_min": "1"}
     name = f"volumes/{volume['name']}"
 
     def read_file(ioctx: Any, target: str, source: rbd.Image) -> None:
@@ -153,7 +152,7 @@ def test_file_read_straight_through_is_in_the_next_profile(
     with rados_cluster.open_ioctx("volumes") as ioctx, \
             rbd.Image(ioctx, volume["name"], read_only=True) as source:
         for round_no, cache in enumerate(("first", "second")):
-            fetcher = fetcher_for(cluster, volume, tmp_path / cache, **quiet)
+            fetcher = fetcher_for(cluster, volume, tmp_path / cache, **QUIET)
             try:
                 cli = Cli(cluster, volume["prefix"], fetcher.env_overrides)
                 job, session = instant(cli, volume, target := f"pf-f-{uuid.uuid4().hex[:6]}")
