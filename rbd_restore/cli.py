@@ -57,10 +57,23 @@ def root(
     ctx.obj = {"config": config}
 
 
+# The command-line parser's own errors (unknown option, missing argument). Typer
+# vendors click in recent releases and uses the click package in older ones: find the
+# base class through the one Typer exports rather than importing either by name.
+_ParserError: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
     """Console-script entry point: one line and an exit code for every known failure."""
     try:
-        app(prog_name="rbd-restore")
+        # Not standalone: Typer would draw a framed, multi-line box for a usage error.
+        outcome = app(prog_name="rbd-restore", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("rbd-restore: aborted", err=True)
+        sys.exit(1)
+    except _ParserError as exc:
+        _usage_error(exc)
     except UserError as exc:
         log.debug("command failed", exc_info=True)
         typer.echo(f"rbd-restore: error: {exc.message}", err=True)
@@ -74,6 +87,20 @@ def main() -> None:
                    f"{' '.join(str(exc).split())} (run with --log-level debug for details)",
                    err=True)
         sys.exit(70)
+    # --help, --version and typer.Exit come back as an exit code; commands return None.
+    sys.exit(outcome if isinstance(outcome, int) else 0)
+
+
+def _usage_error(exc: Exception) -> None:
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(2)
+    message = exc.format_message()  # type: ignore[attr-defined]
+    context = getattr(exc, "ctx", None)
+    command = context.command_path if context is not None else "rbd-restore"
+    typer.echo(f"rbd-restore: error: {' '.join(message.split()).rstrip('.')} "
+               f"(see '{command} --help')", err=True)
+    sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

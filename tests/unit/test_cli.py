@@ -28,3 +28,19 @@ def test_dev_status_of_missing_cluster() -> None:
     result = run("dev", "status", "--dir", "/nonexistent/x")
     assert result.returncode == 8
     assert result.stderr.strip() == "rbd-restore: error: /nonexistent/x holds no embedded cluster"
+
+
+def test_parser_errors_are_one_line() -> None:
+    cases = {("gc", "--bogus"): "No such option: --bogus (see 'rbd-restore gc --help')",
+             ("nosuchcmd",): "No such command 'nosuchcmd' (see 'rbd-restore --help')",
+             ("restore",): "Missing argument 'backup_id' (see 'rbd-restore restore --help')"}
+    for args, message in cases.items():
+        result = run(*args)
+        assert result.returncode == 2, args
+        assert result.stderr == f"rbd-restore: error: {message}\n"
+
+
+def test_help_still_exits_zero() -> None:
+    result = run("profile", "show", "--help")
+    assert result.returncode == 0
+    assert "Usage: rbd-restore profile show" in result.stdout
