@@ -49,10 +49,11 @@ RTT_MS = 20.0
 BANDWIDTH = 100e6
 
 
-def _proxy(cluster: devcluster.ClusterInfo) -> tuple[subprocess.Popen[str], str]:
+def _proxy(cluster: devcluster.ClusterInfo, cap: str = "per_connection"
+           ) -> tuple[subprocess.Popen[str], str]:
     parts = urllib.parse.urlsplit(cluster.s3_endpoint)
     proc = subprocess.Popen([sys.executable, "-m", "bench.wanproxy", str(parts.hostname),
-                             str(parts.port), str(RTT_MS), str(BANDWIDTH)],
+                             str(parts.port), str(RTT_MS), str(BANDWIDTH), cap],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, f"http://127.0.0.1:{proc.stdout.readline().strip()}"

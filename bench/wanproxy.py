@@ -1,9 +1,11 @@
 """A TCP proxy that puts a WAN between S3 clients and RGW, for the benchmarks.
 
 Every byte is delayed by half the round-trip time in each direction (a delay
-line, so pipelined requests overlap as they would on a real link) and each
-connection's throughput is capped per direction. Every compared system talks
-to RGW through the same proxy.
+line, so pipelined requests overlap as they would on a real link) and
+throughput is capped per direction: for each connection on its own
+(``per_connection``), or for all connections together (``link``: one link of
+that bandwidth that parallel transfers share, in the order they queue on it).
+Every compared system talks to RGW through the same proxy.
 """
 
 from __future__ import annotations
@@ -14,19 +16,27 @@ import threading
 import time
 from collections import deque
 
+CAPS = ("per_connection", "link")
+
 
 class WanProxy:
     def __init__(self, upstream_host: str, upstream_port: int, rtt_ms: float = 20.0,
-                 bandwidth_bytes_per_s: float = 100e6) -> None:
+                 bandwidth_bytes_per_s: float = 100e6, cap: str = "per_connection") -> None:
+        if cap not in CAPS:
+            raise ValueError(f"cap must be one of {CAPS}, not {cap!r}")
         self.upstream = (upstream_host, upstream_port)
         self.one_way = rtt_ms / 2000.0
         self.bandwidth = bandwidth_bytes_per_s
+        self.shared = cap == "link"
+        # When each direction of the shared link is next free (event-loop thread only).
+        self.link_free = {"up": 0.0, "down": 0.0}
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    direction: str) -> None:
         queue: deque[tuple[float, bytes]] = deque()
         arrived = asyncio.Event()
         done = False
@@ -48,8 +58,13 @@ class WanProxy:
                     arrived.clear()
                     await arrived.wait()
                 due, data = queue.popleft()
-                start = max(due, next_free)
-                next_free = start + len(data) / self.bandwidth
+                if self.shared:
+                    start = max(due, self.link_free[direction])
+                    self.link_free[direction] = start + len(data) / self.bandwidth
+                    next_free = self.link_free[direction]
+                else:
+                    start = max(due, next_free)
+                    next_free = start + len(data) / self.bandwidth
                 delay = next_free - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -73,7 +88,8 @@ class WanProxy:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w),
+        await asyncio.gather(self._pipe(client_r, up_w, "up"),
+                             self._pipe(up_r, client_w, "down"),
                              return_exceptions=True)
 
     def start(self) -> int:
@@ -81,12 +97,18 @@ class WanProxy:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             self._server = loop.run_until_complete(
                 asyncio.start_server(self._handle, "127.0.0.1", 0))
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()
+            pending = asyncio.all_tasks(loop)  # connections still open at stop()
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
 
         self._thread = threading.Thread(target=run, name="wan-proxy", daemon=True)
         self._thread.start()
@@ -102,13 +124,15 @@ class WanProxy:
 
 
 def main() -> None:
-    """``python -m bench.wanproxy HOST PORT [RTT_MS] [BYTES_PER_S]``: prints the port."""
+    """``python -m bench.wanproxy HOST PORT [RTT_MS] [BYTES_PER_S] [per_connection|link]``:
+    prints the port."""
     import sys
 
     host, port = sys.argv[1], int(sys.argv[2])
     rtt = float(sys.argv[3]) if len(sys.argv) > 3 else 20.0
     bandwidth = float(sys.argv[4]) if len(sys.argv) > 4 else 100e6
-    proxy = WanProxy(host, port, rtt, bandwidth)
+    cap = sys.argv[5] if len(sys.argv) > 5 else "per_connection"
+    proxy = WanProxy(host, port, rtt, bandwidth, cap)
     print(proxy.start(), flush=True)
     threading.Event().wait()
 
