@@ -79,6 +79,9 @@ def restore(
     with_history: Annotated[int, typer.Option(
         "--with-history", min=0, max=15, help="instant: also bring the previous N backups "
         "of the volume, as RBD snapshots.")] = 0,
+    relocate_after: Annotated[float, typer.Option(
+        "--relocate-after", min=0, max=86400, help="instant: seconds before the relocation "
+        "may start, e.g. while the VM boots (0 = at once).")] = 0,
     workers: WorkersOption = 16,
     as_json: JsonOption = False,
 ) -> None:
@@ -87,13 +90,15 @@ def restore(
         raise UsageError(f"--mode must be instant or full, not {mode!r}")
     if mode == "full" and with_history:
         raise UsageError("--with-history needs --mode instant")
+    if mode == "full" and relocate_after:
+        raise UsageError("--relocate-after needs --mode instant")
     cfg = load_config(ctx)
     ref = ImageRef.parse(image, cfg.pools.restore_default)
     if mode == "instant":
         from rbd_restore.cli_jobs import restore_instant
 
         restore_instant(cfg, backup_id, ref, wait, as_json, concurrency, rate_limit,
-                        with_history)
+                        with_history, relocate_after)
         return
     from rbd_restore.restore_full import restore_full
 

@@ -34,12 +34,12 @@ def register(app: typer.Typer) -> None:
 
 def restore_instant(cfg: Config, backup_id: str, ref: ImageRef, wait: bool, as_json: bool,
                     concurrency: int | None, rate_limit_mib: float = 0,
-                    history: int = 0) -> None:
+                    history: int = 0, relocate_after: float = 0) -> None:
     started = time.monotonic()
     control = ControlClient(cfg.fetcher)
     with open_cluster(cfg) as cluster:
         record = instant.start(cluster, control, backup_id, ref,
-                               int(rate_limit_mib * (1 << 20)), history)
+                               int(rate_limit_mib * (1 << 20)), history, relocate_after)
         if not as_json:
             typer.echo(f"ready: {ref} can boot now ({record.ready_seconds:.1f} s); "
                        f"job {record.id}")
@@ -102,6 +102,8 @@ def status(
         eta = f", {r.eta_seconds:.0f} s left" if r.eta_seconds is not None else ""
         rate = f", {format_size(int(r.rate_bytes_per_s))}/s" if r.state in ACTIVE else ""
         error = f"  ({r.error})" if r.error else ""
+        if r.state in ACTIVE and r.due_in() > 0:
+            eta = f", relocation starts in {r.due_in():.0f} s"
         typer.echo(f"{r.id}  {r.spec:28} {r.state:10} {r.progress * 100:5.1f}%  "
                    f"{format_size(r.bytes_relocated)}{rate}{eta}{error}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import time
 
 from rbd_restore import lazy_clone
@@ -13,8 +14,10 @@ from rbd_restore.jobs.store import JobRecord, JobStore, new_job_id, now_iso
 
 
 def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRef,
-          rate_limit_bytes_per_s: int = 0, history: int = 0) -> JobRecord:
-    """Prepare ``ref`` so a VM can boot on it; the relocation is left to a job runner."""
+          rate_limit_bytes_per_s: int = 0, history: int = 0,
+          relocate_after_seconds: float = 0.0) -> JobRecord:
+    """Prepare ``ref`` so a VM can boot on it; the relocation is left to a job runner,
+    which starts it no sooner than ``relocate_after_seconds`` from now."""
     started = time.monotonic()
     with cluster.ioctx(ref.pool) as ioctx:
         if image_exists(ioctx, ref.name):
@@ -29,6 +32,9 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
     record = JobRecord(id=new_job_id(), backup_id=backup_id, pool=ref.pool, image=ref.name,
                        session_id=session["session_id"], state="staged", created=now_iso(),
                        updated=now_iso(), bytes_total=int(session.get("allocated_bytes", 0)),
-                       ready_seconds=time.monotonic() - started)
+                       ready_seconds=time.monotonic() - started,
+                       relocate_after=(dt.datetime.now(dt.UTC) + dt.timedelta(
+                           seconds=relocate_after_seconds)).isoformat()
+                       if relocate_after_seconds > 0 else "")
     JobStore(cluster).save(record)
     return record

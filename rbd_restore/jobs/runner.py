@@ -91,9 +91,13 @@ class JobRunner:
             self.control.close(record.session_id)
 
     def run(self, record: JobRecord, progress: Progress | None = None) -> JobRecord:
-        """Finish one job; returns its final record (committed, failed or aborted)."""
+        """Finish one job; returns its final record (committed, failed or aborted).
+        A job whose relocation must wait (``relocate_after``) is waited for here."""
         started = time.monotonic()
         with self.cluster.ioctx(record.pool) as ioctx, self.claim(ioctx, record.id):
+            if record.due_in() > 0:
+                log.info("job %s: relocation starts at %s", record.id, record.relocate_after)
+                time.sleep(record.due_in())
             if self.concurrency:
                 import rbd
 
@@ -183,10 +187,14 @@ class JobRunner:
         """
         while True:
             active = ran = 0
+            wait = poll_seconds
             for record in self.store.list():
                 if record.state not in ACTIVE or only not in (None, record.id):
                     continue
                 active += 1
+                if record.due_in() > 0:  # the VM boots first; other jobs go on meanwhile
+                    wait = min(wait, record.due_in())
+                    continue
                 try:
                     final = self.run(record)
                     ran += 1
@@ -198,4 +206,4 @@ class JobRunner:
             if once and not active:
                 return
             if not ran:
-                time.sleep(poll_seconds)
+                time.sleep(wait)

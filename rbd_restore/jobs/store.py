@@ -52,6 +52,7 @@ class JobRecord:
     error: str = ""
     ready_seconds: float = 0.0
     committed_seconds: float = 0.0
+    relocate_after: str = ""  # ISO time before which no runner relocates; "": at once
 
     @property
     def spec(self) -> str:
@@ -67,6 +68,13 @@ class JobRecord:
             return None
         return (self.bytes_total - self.bytes_relocated) / self.rate_bytes_per_s
 
+    def due_in(self, now: dt.datetime | None = None) -> float:
+        """Seconds until a runner may start relocating; 0 when it may now."""
+        if not self.relocate_after:
+            return 0.0
+        now = now or dt.datetime.now(dt.UTC)
+        return max(0.0, (dt.datetime.fromisoformat(self.relocate_after) - now).total_seconds())
+
     def with_(self, **changes: Any) -> JobRecord:
         return dataclasses.replace(self, updated=now_iso(), **changes)
 
@@ -77,7 +85,8 @@ class JobRecord:
                 "rate_bytes_per_s": round(self.rate_bytes_per_s),
                 "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
                 "error": self.error or None, "session_id": self.session_id,
-                "created": self.created, "updated": self.updated}
+                "created": self.created, "updated": self.updated,
+                "relocate_after": self.relocate_after or None}
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
