@@ -29,7 +29,7 @@ class WanProxy:
         self.bandwidth = bandwidth_bytes_per_s
         self.shared = cap == "link"
         # When each direction of the shared link is next free (event-loop thread only).
-        self.link_free = {"up": 0.0, "down": 0.0}
+        self.link_free = {"up": [0.0], "down": [0.0]}
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -37,6 +37,8 @@ class WanProxy:
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     direction: str) -> None:
+        # When this pipe's link is next free: the shared one, or one of its own.
+        free_at = self.link_free[direction] if self.shared else [0.0]
         queue: deque[tuple[float, bytes]] = deque()
         arrived = asyncio.Event()
         done = False
@@ -50,7 +52,6 @@ class WanProxy:
             arrived.set()
 
         async def send() -> None:
-            next_free = time.monotonic()
             while True:
                 while not queue:
                     if done:
@@ -58,14 +59,8 @@ class WanProxy:
                     arrived.clear()
                     await arrived.wait()
                 due, data = queue.popleft()
-                if self.shared:
-                    start = max(due, self.link_free[direction])
-                    self.link_free[direction] = start + len(data) / self.bandwidth
-                    next_free = self.link_free[direction]
-                else:
-                    start = max(due, next_free)
-                    next_free = start + len(data) / self.bandwidth
-                delay = next_free - time.monotonic()
+                free_at[0] = max(due, free_at[0]) + len(data) / self.bandwidth
+                delay = free_at[0] - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 writer.write(data)

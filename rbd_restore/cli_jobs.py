@@ -102,8 +102,8 @@ def status(
         eta = f", {r.eta_seconds:.0f} s left" if r.eta_seconds is not None else ""
         rate = f", {format_size(int(r.rate_bytes_per_s))}/s" if r.state in ACTIVE else ""
         error = f"  ({r.error})" if r.error else ""
-        if r.state in ACTIVE and r.due_in() > 0:
-            eta = f", relocation starts in {r.due_in():.0f} s"
+        if r.state in ACTIVE and (due_in := r.due_in()) > 0:
+            eta = f", relocation starts in {due_in:.0f} s"
         typer.echo(f"{r.id}  {r.spec:28} {r.state:10} {r.progress * 100:5.1f}%  "
                    f"{format_size(r.bytes_relocated)}{rate}{eta}{error}")
 

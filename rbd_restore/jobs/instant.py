@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import time
 
 from rbd_restore import lazy_clone
@@ -33,8 +32,7 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
                        session_id=session["session_id"], state="staged", created=now_iso(),
                        updated=now_iso(), bytes_total=int(session.get("allocated_bytes", 0)),
                        ready_seconds=time.monotonic() - started,
-                       relocate_after=(dt.datetime.now(dt.UTC) + dt.timedelta(
-                           seconds=relocate_after_seconds)).isoformat()
+                       relocate_after=now_iso(relocate_after_seconds)
                        if relocate_after_seconds > 0 else "")
     JobStore(cluster).save(record)
     return record

@@ -95,9 +95,9 @@ class JobRunner:
         A job whose relocation must wait (``relocate_after``) is waited for here."""
         started = time.monotonic()
         with self.cluster.ioctx(record.pool) as ioctx, self.claim(ioctx, record.id):
-            if record.due_in() > 0:
+            if (due_in := record.due_in()) > 0:
                 log.info("job %s: relocation starts at %s", record.id, record.relocate_after)
-                time.sleep(record.due_in())
+                time.sleep(due_in)
             if self.concurrency:
                 import rbd
 
@@ -192,8 +192,8 @@ class JobRunner:
                 if record.state not in ACTIVE or only not in (None, record.id):
                     continue
                 active += 1
-                if record.due_in() > 0:  # the VM boots first; other jobs go on meanwhile
-                    wait = min(wait, record.due_in())
+                if (due_in := record.due_in()) > 0:  # the VM boots first; others go on
+                    wait = min(wait, due_in)
                     continue
                 try:
                     final = self.run(record)

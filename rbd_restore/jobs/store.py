@@ -32,8 +32,8 @@ def new_job_id() -> str:
     return f"r{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
 
 
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat()
+def now_iso(later_seconds: float = 0.0) -> str:
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=later_seconds)).isoformat()
 
 
 @dataclass(frozen=True)
