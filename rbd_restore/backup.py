@@ -21,7 +21,8 @@ from rbd_restore.ceph import Cluster, ImageRef, open_image
 from rbd_restore.errors import UserError
 from rbd_restore.parallel import run_bounded
 from rbd_restore.repo import chunks as chunk_codec
-from rbd_restore.repo.locks import backup_lock
+from rbd_restore.repo.layout import BACKUP_ID
+from rbd_restore.repo.locks import S3Clock, backup_lock, backup_running
 from rbd_restore.repo.manifest import Manifest, Source, Stats, chunk_count
 from rbd_restore.repo.repository import (
     Repository,
@@ -111,16 +112,67 @@ def _find_parent(repo: Repository, image: Any, chunk_size: int) -> Manifest | No
     return None
 
 
-def _dirty_chunks(image: Any, size: int, chunk_size: int, since: str | None) -> set[int]:
+def _dirty_chunks(image: Any, start: int, end: int, chunk_size: int,
+                  since: str | None) -> set[int]:
+    """Chunks with extents in ``[start, end)`` allocated (``since`` None) or changed since
+    that snapshot."""
     dirty: set[int] = set()
 
     def mark(offset: int, length: int, _exists: bool) -> int:
         dirty.update(range(offset // chunk_size, (offset + length - 1) // chunk_size + 1))
         return 0
 
-    if size:
-        image.diff_iterate(0, size, since, mark, include_parent=True, whole_object=True)
+    if end > start:
+        image.diff_iterate(start, end - start, since, mark, include_parent=True,
+                           whole_object=True)
     return dirty
+
+
+def chunks_to_read(image: Any, size: int, chunk_size: int,
+                   parent: Manifest | None) -> list[int]:
+    """The chunks whose content must be read: all allocated ones for a full backup;
+    for an incremental, those changed since the parent's snapshot, plus what a
+    resize between the two backups changed."""
+    if parent is None:
+        return sorted(_dirty_chunks(image, 0, size, chunk_size, None))
+    dirty = _dirty_chunks(image, 0, size, chunk_size, snapshot_name(parent.backup_id))
+    old_size = parent.image_size
+    if old_size != size:
+        # A chunk cut by either end changed length, hence id, whatever its bytes.
+        for end in (old_size, size):
+            if end % chunk_size:
+                dirty.add(end // chunk_size)
+        # What was written past the old end (extend, then write), whether or not the
+        # diff against a smaller snapshot reports it.
+        dirty |= _dirty_chunks(image, old_size, size, chunk_size, None)
+    return sorted(i for i in dirty if i < chunk_count(size, chunk_size))
+
+
+IN_PROGRESS_KEY = "rbd-restore.backup-in-progress."
+
+
+def _remove_abandoned_snapshots(repo: Repository, image: Any, clock: S3Clock) -> None:
+    """Remove the snapshots of backups of this image that were killed before their
+    manifest was written (and their in-progress marks). Each backup marks the image
+    before it takes its snapshot, so restored history, which carries the same kind
+    of name, is never mistaken for one."""
+    for key, _value in list(image.metadata_list()):
+        backup_id = key.removeprefix(IN_PROGRESS_KEY)
+        if backup_id == key or not BACKUP_ID.match(backup_id):
+            continue
+        if backup_running(repo.store, repo.keys, backup_id, clock):
+            continue
+        try:
+            repo.load_manifest(backup_id)
+            finished = True
+        except UserError:
+            finished = False
+        if not finished:
+            snap = snapshot_name(backup_id)
+            if any(s["name"] == snap for s in image.list_snaps()):
+                log.warning("removing snapshot %s of a backup that did not finish", snap)
+                image.remove_snap(snap)
+        image.metadata_remove(key)
 
 
 def _remove_older_snapshots(repo: Repository, image: Any, keep: str, source: Source) -> None:
@@ -154,20 +206,26 @@ def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: in
     backup_id = new_backup_id()
     snap = snapshot_name(backup_id)
     with cluster.ioctx(ref.pool) as ioctx, open_image(ioctx, ref) as image, \
-            backup_lock(repo.store, repo.keys, backup_id):
+            backup_lock(repo.store, repo.keys, backup_id) as clock:
+        _remove_abandoned_snapshots(repo, image, clock)
         parent = None if full else _find_parent(repo, image, chunk_size)
-        image.create_snap(snap)
+        mark = IN_PROGRESS_KEY + backup_id
+        image.metadata_set(mark, dt.datetime.now(dt.UTC).isoformat())
         try:
-            source = Source(fsid=cluster.fsid, pool=ref.pool, image=ref.name,
-                            image_id=str(image.id()), snapshot=snap)
-            with open_image(ioctx, ref, snapshot=snap, read_only=True) as frozen:
-                manifest, chunks_read = _store_snapshot(
-                    repo, frozen, backup_id, parent, chunk_size, workers, progress, source,
-                    started)
-            repo.save_manifest(manifest)
-        except BaseException:
-            image.remove_snap(snap)
-            raise
+            image.create_snap(snap)
+            try:
+                source = Source(fsid=cluster.fsid, pool=ref.pool, image=ref.name,
+                                image_id=str(image.id()), snapshot=snap)
+                with open_image(ioctx, ref, snapshot=snap, read_only=True) as frozen:
+                    manifest, chunks_read = _store_snapshot(
+                        repo, frozen, backup_id, parent, chunk_size, workers, progress,
+                        source, started)
+                repo.save_manifest(manifest)
+            except BaseException:
+                image.remove_snap(snap)
+                raise
+        finally:
+            image.metadata_remove(mark)
         _remove_older_snapshots(repo, image, snap, source)
     return BackupResult(manifest, parent.backup_id if parent else None, chunks_read)
 
@@ -178,9 +236,13 @@ def _store_snapshot(repo: Repository, frozen: Any, backup_id: str, parent: Manif
     size = int(frozen.size())
     count = chunk_count(size, chunk_size)
     # The parent's snapshot on this image holds exactly the parent backup's content.
-    since = snapshot_name(parent.backup_id) if parent else None
-    dirty = sorted(_dirty_chunks(frozen, size, chunk_size, since))
-    chunk_ids: list[str | None] = list(parent.chunks) if parent else [None] * count
+    dirty = chunks_to_read(frozen, size, chunk_size, parent)
+    # Unchanged chunks keep the parent's ids; past the parent's end (the image grew)
+    # they are zero unless read; past the new end (it shrank) they are gone.
+    chunk_ids: list[str | None] = [None] * count
+    if parent:
+        kept = min(count, len(parent.chunks))
+        chunk_ids[:kept] = parent.chunks[:kept]
     counters = _Counters()
     uploader = _Uploader(repo, parent.unique_chunk_ids() if parent else set(), counters)
     total = sum(min(chunk_size, size - i * chunk_size) for i in dirty)

@@ -46,6 +46,9 @@ class S3Settings:
     prefix: str = ""
     max_attempts: int = 8
     sign_payload: int = 0  # 1: SigV4-sign request bodies (every stored object verifies itself)
+    content_md5: int = 1  # 0: no Content-MD5 on uploads (RGW then stores a damaged body)
+    connect_timeout: int = 5  # seconds
+    read_timeout: int = 60  # seconds without a byte before a request is retried
 
 
 @dataclass(frozen=True)
@@ -154,8 +157,12 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
         s3 = dataclasses.replace(s3, secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
     if s3.max_attempts < 1:
         raise ConfigError("config field s3.max_attempts: must be at least 1")
-    if s3.sign_payload not in (0, 1):
-        raise ConfigError("config field s3.sign_payload: must be 0 or 1")
+    for name in ("sign_payload", "content_md5"):
+        if getattr(s3, name) not in (0, 1):
+            raise ConfigError(f"config field s3.{name}: must be 0 or 1")
+    for name in ("connect_timeout", "read_timeout"):
+        if getattr(s3, name) < 1:
+            raise ConfigError(f"config field s3.{name}: must be at least 1 second")
     return Config(ceph=sections["ceph"], s3=s3, pools=sections["pools"],
                   fetcher=sections["fetcher"], source=source)
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+from rbd_restore.errors import UsageError
 from rbd_restore.repo.manifest import Manifest
 
 QCOW_MAGIC = 0x514649FB
@@ -80,6 +81,19 @@ class _Layer:
     def l2_slot(self, table: int) -> int | None:
         at = bisect.bisect_left(self.l2_tables, table)
         return at if at < len(self.l2_tables) and self.l2_tables[at] == table else None
+
+
+SECTOR = 512
+
+
+def check_importable(manifest: Manifest) -> None:
+    """Refuse a backup librbd's import-only migration cannot stage: librbd 16.2.15 fails
+    ``migration_prepare_import`` (EINVAL) on a qcow2 file whose size is not a whole
+    number of 512-byte sectors, while RBD images may have any size in bytes."""
+    if manifest.image_size % SECTOR:
+        raise UsageError(f"backup {manifest.backup_id} is of a volume of "
+                         f"{manifest.image_size} bytes, not a multiple of {SECTOR}: librbd "
+                         "cannot stage it for an instant restore; use --mode full")
 
 
 class Qcow2View:

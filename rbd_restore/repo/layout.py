@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 CHUNK_ID = re.compile(r"^[0-9a-f]{64}$")
 BACKUP_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
+# Instant-restore jobs are named in session records, so their ids are settled here too.
+JOB_ID = re.compile(r"^r[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
 
 
 @dataclass(frozen=True)

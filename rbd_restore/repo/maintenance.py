@@ -9,7 +9,8 @@ from typing import Any
 
 from rbd_restore.errors import IntegrityError
 from rbd_restore.parallel import run_bounded
-from rbd_restore.repo.locks import gc_lock
+from rbd_restore.repo.locks import gc_lock, reading
+from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository
 from rbd_restore.repo.store import ObjectMissing
 
@@ -31,7 +32,14 @@ class ChunkProblem:
 def verify_backup(repo: Repository, backup_id: str, deep: bool,
                   workers: int = 16) -> list[ChunkProblem]:
     """Every missing chunk (and with ``deep``, every chunk that fails its hash)."""
-    manifest = repo.load_manifest(backup_id)
+    if deep:
+        with reading(repo.store, repo.keys, backup_id, "verify"):
+            return _verify(repo, repo.load_manifest(backup_id), deep, workers)
+    return _verify(repo, repo.load_manifest(backup_id), deep, workers)
+
+
+def _verify(repo: Repository, manifest: Manifest, deep: bool,
+            workers: int) -> list[ChunkProblem]:
     first_use: dict[str, int] = {}
     for index, cid in manifest.allocated():
         first_use.setdefault(cid, index)
@@ -65,6 +73,7 @@ class GcResult:
     chunks_deleted: int
     bytes_freed: int
     chunks_too_young: int
+    unreadable_manifests: list[str]  # backups whose manifests failed validation
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -74,16 +83,19 @@ def collect_garbage(repo: Repository, grace: dt.timedelta = DEFAULT_GC_GRACE,
                     dry_run: bool = False) -> GcResult:
     """Delete chunks that no manifest references and that are older than ``grace``.
 
-    Runs under the gc lock (no backup may run meanwhile); an unreadable manifest
-    stops gc before anything is deleted, since its chunks cannot be known.
+    Runs under the gc lock (no backup may run meanwhile). A manifest that fails
+    validation is reported and every chunk id its bytes mention is kept. Ages
+    are measured by S3's clock, so a host whose clock runs fast frees nothing
+    early.
     """
-    with gc_lock(repo.store, repo.keys):
+    with gc_lock(repo.store, repo.keys) as clock:
+        scan = repo.scan_manifests(stable=True)
         referenced: set[str] = set()
-        manifests = 0
-        for manifest in repo.manifests():
+        for manifest in scan.manifests:
             referenced |= manifest.unique_chunk_ids()
-            manifests += 1
-        cutoff = dt.datetime.now(dt.UTC) - grace
+        for bad in scan.unreadable:
+            referenced |= bad.mentioned
+        cutoff = clock.now() - grace
         doomed: list[str] = []
         seen = young = freed = 0
         for info in repo.store.list_objects(repo.keys.chunks_prefix):
@@ -98,4 +110,5 @@ def collect_garbage(repo: Repository, grace: dt.timedelta = DEFAULT_GC_GRACE,
             freed += info.size
         if not dry_run:
             repo.store.delete_many(doomed)
-    return GcResult(manifests, seen, len(doomed), freed, young)
+    return GcResult(len(scan.manifests), seen, len(doomed), freed, young,
+                    [bad.backup_id for bad in scan.unreadable])

@@ -7,16 +7,25 @@ stored before the manifest, so a manifest that exists is always complete.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import re
 import secrets
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-from rbd_restore.errors import NotFoundError, UsageError
+from rbd_restore.errors import IntegrityError, NotFoundError, UsageError
 from rbd_restore.repo import chunks as chunk_codec
 from rbd_restore.repo import manifest as manifest_codec
 from rbd_restore.repo.layout import BACKUP_ID, KeyLayout
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.store import ObjectMissing, ObjectStore
+
+log = logging.getLogger(__name__)
+
+# A chunk that fails its hash, or a manifest its checksum, is read again this many
+# times in all before it counts as damaged: the damage may have happened in transit.
+READ_ATTEMPTS = 3
+_ANY_CHUNK_ID = re.compile(rb"[0-9a-f]{64}")
 
 
 def new_backup_id(now: dt.datetime | None = None) -> str:
@@ -34,6 +43,21 @@ def backup_id_of_snapshot(name: str) -> str | None:
     return tail if tail != name and BACKUP_ID.match(tail) else None
 
 
+@dataclass(frozen=True)
+class UnreadableManifest:
+    backup_id: str
+    reason: str
+    # Every chunk id the stored bytes mention: gc keeps them, since nothing says the
+    # backup does not need them.
+    mentioned: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ManifestScan:
+    manifests: list[Manifest]  # oldest first
+    unreadable: list[UnreadableManifest]
+
+
 class Repository:
     def __init__(self, store: ObjectStore, prefix: str = "") -> None:
         self.store = store
@@ -45,31 +69,74 @@ class Repository:
         if not BACKUP_ID.match(backup_id):
             raise UsageError(f"{backup_id!r:.80} is not a backup id "
                              "(they look like 20261125T173000Z-1a2b3c4d)")
-        try:
-            data = self.store.get(self.keys.manifest(backup_id))
-        except ObjectMissing:
-            raise NotFoundError(f"backup {backup_id} does not exist in bucket "
-                                f"{self.store.bucket}") from None
-        return manifest_codec.from_json(data, expected_id=backup_id)
+        return self._load_manifest(backup_id)[0]
+
+    def _load_manifest(self, backup_id: str) -> tuple[Manifest, bytes]:
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                data = self.store.get(self.keys.manifest(backup_id))
+            except ObjectMissing:
+                raise NotFoundError(f"backup {backup_id} does not exist in bucket "
+                                    f"{self.store.bucket}") from None
+            try:
+                return manifest_codec.from_json(data, expected_id=backup_id), data
+            except IntegrityError as exc:
+                if attempt == READ_ATTEMPTS:
+                    raise IntegrityError(f"{exc.message} ({READ_ATTEMPTS} reads)") from None
+                log.info("%s; reading it again", exc.message)
+        raise AssertionError("unreachable")
 
     def save_manifest(self, manifest: Manifest) -> None:
+        """Store a manifest, refusing one that a reader would refuse: a manifest that
+        cannot be read must never reach the bucket."""
         data = manifest_codec.to_json(manifest)
+        try:
+            manifest_codec.from_json(data, expected_id=manifest.backup_id)
+        except IntegrityError as exc:
+            raise IntegrityError(f"refusing to store backup {manifest.backup_id}: "
+                                 f"{exc.message}") from None
         self.store.put(self.keys.manifest(manifest.backup_id), data)
 
-    def backup_ids(self) -> list[str]:
-        ids = (self.keys.backup_id_of(info.key)
-               for info in self.store.list_objects(self.keys.manifests_prefix))
+    def backup_ids(self, stable: bool = False) -> list[str]:
+        """Every backup id; ``stable``: from a listing read until it agrees with itself,
+        for callers that delete what no manifest names."""
+        prefix = self.keys.manifests_prefix
+        infos = self.store.list_stable(prefix) if stable else self.store.list_objects(prefix)
+        ids = (self.keys.backup_id_of(info.key) for info in infos)
         return sorted(i for i in ids if i)
 
-    def manifests(self, workers: int = 16) -> Iterator[Manifest]:
-        """Every manifest, oldest first; an unreadable one raises."""
-        with ThreadPoolExecutor(workers) as pool:
-            yield from pool.map(self.load_manifest, self.backup_ids())
+    def scan_manifests(self, workers: int = 16, stable: bool = False) -> ManifestScan:
+        """Every manifest, oldest first, and the ones that failed validation (each
+        reported, never a failure of the whole repository)."""
 
-    def delete_backup(self, backup_id: str) -> Manifest:
-        manifest = self.load_manifest(backup_id)
+        def read(backup_id: str) -> Manifest | UnreadableManifest | None:
+            try:
+                return self._load_manifest(backup_id)[0]
+            except NotFoundError:
+                return None  # deleted since the listing
+            except IntegrityError as exc:
+                try:
+                    raw = self.store.get(self.keys.manifest(backup_id))
+                except ObjectMissing:
+                    return None
+                mentioned = frozenset(m.decode() for m in _ANY_CHUNK_ID.findall(raw))
+                return UnreadableManifest(backup_id, exc.message, mentioned)
+
+        manifests: list[Manifest] = []
+        unreadable: list[UnreadableManifest] = []
+        with ThreadPoolExecutor(workers) as pool:
+            for found in pool.map(read, self.backup_ids(stable)):
+                if isinstance(found, Manifest):
+                    manifests.append(found)
+                elif found is not None:
+                    log.info("backup %s skipped: %s", found.backup_id, found.reason)
+                    unreadable.append(found)
+        manifests.sort(key=lambda m: (m.created_at, m.backup_id))
+        return ManifestScan(manifests, unreadable)
+
+    def remove_manifest(self, backup_id: str) -> None:
+        """The last step of deleting a backup (rbd_restore.repo.deletion decides when)."""
         self.store.delete(self.keys.manifest(backup_id))
-        return manifest
 
     # Chunks
 
@@ -80,6 +147,14 @@ class Repository:
         self.store.put(self.keys.chunk(chunk_id), stored)
 
     def get_chunk(self, chunk_id: str, length: int | None = None) -> bytes:
-        """The plain bytes of a chunk, verified against its name."""
-        return chunk_codec.decode_chunk(chunk_id, self.store.get(self.keys.chunk(chunk_id)),
-                                        length)
+        """The plain bytes of a chunk, verified against its name; read again when they
+        do not verify, and refused when they still do not."""
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            stored = self.store.get(self.keys.chunk(chunk_id), verify_etag=False)
+            try:
+                return chunk_codec.decode_chunk(chunk_id, stored, length)
+            except IntegrityError as exc:
+                if attempt == READ_ATTEMPTS:
+                    raise
+                log.info("%s; reading it again", exc.message)
+        raise AssertionError("unreachable")

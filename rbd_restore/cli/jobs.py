@@ -1,0 +1,206 @@
+"""Instant restore and its jobs: restore --mode instant, status, abort, jobs run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated
+
+import typer
+
+from rbd_restore import lazy_clone
+from rbd_restore.ceph import Cluster, ImageRef, image_exists
+from rbd_restore.cli.context import load_config, open_cluster, progress_bar
+from rbd_restore.config import Config
+from rbd_restore.errors import NotFoundError, UnavailableError, UserError
+from rbd_restore.fetcher.client import ControlClient
+from rbd_restore.jobs import instant
+from rbd_restore.jobs.lease import lease, runner_cookie
+from rbd_restore.jobs.runner import MAX_ATTEMPTS, PARALLEL_JOBS, JobRunner
+from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
+from rbd_restore.logs import use_json_logs
+from rbd_restore.output import print_json
+from rbd_restore.units import format_size
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+jobs_app = typer.Typer(help="The job runner that relocates and commits instant restores.",
+                       no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)
+    app.command("abort")(abort)
+    app.add_typer(jobs_app, name="jobs")
+
+
+def restore_instant(cfg: Config, backup_id: str, ref: ImageRef, wait: bool, as_json: bool,
+                    concurrency: int | None, rate_limit_mib: float = 0,
+                    history: int = 0, relocate_after: float = 0) -> None:
+    started = time.monotonic()
+    control = ControlClient(cfg.fetcher)
+    with open_cluster(cfg) as cluster:
+        record = instant.start(cluster, control, backup_id, ref,
+                               int(rate_limit_mib * (1 << 20)), history, relocate_after)
+        if not as_json:
+            typer.echo(f"ready: {ref} can boot now ({record.ready_seconds:.1f} s); "
+                       f"job {record.id}")
+        if not wait:
+            if as_json:
+                print_json({"job_id": record.id, "image": str(ref),
+                            "ready_seconds": round(record.ready_seconds, 3)})
+            else:
+                typer.echo("a job runner (`rbd-restore jobs run`) relocates and commits it; "
+                           f"follow it with `rbd-restore status {record.id}`")
+            return
+        runner = JobRunner(cluster, control, concurrency)
+        with progress_bar(f"relocate {ref}", not as_json) as bar:
+            def report(_fraction: float, current: JobRecord) -> None:
+                if bar:
+                    bar(current.bytes_relocated, current.bytes_total)
+
+            final = runner.run(record, report)
+    committed = time.monotonic() - started
+    if final.state != "committed":
+        raise UserError(f"job {record.id} ended {final.state}: {final.error}")
+    if as_json:
+        print_json({"job_id": record.id, "image": str(ref),
+                    "ready_seconds": round(record.ready_seconds, 3),
+                    "committed_seconds": round(committed, 3)})
+    else:
+        typer.echo(f"committed: {ref} is an ordinary RBD image ({committed:.1f} s)")
+
+
+def _reconciled(cluster: Cluster, record: JobRecord) -> tuple[JobRecord, str]:
+    """The header's migration state wins over a record that a dead runner left behind;
+    also returns that state (``""`` when there is none to show)."""
+    if record.state not in ACTIVE:
+        return record, ""
+    try:
+        with cluster.ioctx(record.pool) as ioctx:
+            migration = lazy_clone.state(ioctx, record.image)
+    except NotFoundError:
+        if record.state == "preparing":  # not made yet, or never: a runner settles it
+            return record, ""
+        return record.with_(state="aborted", error="the image no longer exists"), ""
+    except UnavailableError as exc:  # say so, and still show every other job
+        return record.with_(error=exc.message), ""
+    if migration is None:
+        return record.with_(state="committed", progress=1.0), ""
+    if migration.state == "executed":
+        return record.with_(progress=1.0), "executed"
+    return record, migration.state
+
+
+def _status_row(record: JobRecord, migration: str) -> str:
+    r = record
+    eta = f", {r.eta_seconds:.0f} s left" if r.eta_seconds is not None else ""
+    rate = f", {format_size(int(r.rate_bytes_per_s))}/s" if r.state in ACTIVE else ""
+    if r.state in ACTIVE and (due_in := r.due_in()) > 0:
+        eta = f", relocation starts in {due_in:.0f} s"
+    phase = {"executed": " (relocated, commit pending)",
+             "preparing": " (image half made)"}.get(migration, "")
+    error = f"  ({r.error})" if r.error else ""
+    return (f"{r.id}  {r.spec:28} {r.state:10} {r.progress * 100:5.1f}%  "
+            f"{format_size(r.bytes_relocated)}{rate}{eta}{phase}{error}")
+
+
+def status(
+    ctx: typer.Context,
+    job: Annotated[str | None, typer.Argument(help="One job id; all jobs without it.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show instant-restore jobs: state, progress, rate and time left."""
+    with open_cluster(load_config(ctx)) as cluster:
+        store = JobStore(cluster)
+        if job:
+            records, problems = [store.get(job)], []
+        else:
+            scan = store.scan()
+            records, problems = scan.records, scan.problems
+        rows = [_reconciled(cluster, r) for r in records]
+    for problem in problems:
+        typer.echo(f"warning: {problem}", err=True)
+    if as_json:
+        print_json({"jobs": [{**r.as_status(), "migration": m or None} for r, m in rows],
+                    "problems": problems})
+        return
+    for record, migration in rows:
+        typer.echo(_status_row(record, migration))
+
+
+def abort(ctx: typer.Context, job: str) -> None:
+    """Abort an instant restore: deletes the image and every write made to it.
+
+    Refused while anything (a VM, a job runner) has the image open.
+    """
+    cfg = load_config(ctx)
+    with open_cluster(cfg) as cluster:
+        store = JobStore(cluster)
+        record, _ = _reconciled(cluster, store.get(job))
+        if record.state not in ACTIVE:
+            raise UserError(f"job {job} is {record.state}; only restores that are not "
+                            "committed yet can be aborted")
+        with cluster.ioctx(record.pool) as ioctx:
+            if record.state == "preparing":
+                _ensure_not_being_prepared(ioctx, record)
+            if image_exists(ioctx, record.image):
+                lazy_clone.abort(ioctx, record.image)
+        store.save(record.with_(state="aborted", error="aborted by the operator"))
+    if record.session_id:
+        try:
+            ControlClient(cfg.fetcher).close(record.session_id)
+        except NotFoundError:
+            pass  # closed already
+        except UserError as exc:
+            typer.echo(f"warning: session {record.session_id} not closed: {exc.message}",
+                       err=True)
+    typer.echo(f"aborted job {job}: image {record.spec} removed")
+
+
+def _ensure_not_being_prepared(ioctx: object, record: JobRecord) -> None:
+    """A preparing job whose restore command still runs holds its lease."""
+    with lease(ioctx, record.id, runner_cookie(), "rbd-restore abort"):
+        pass
+
+
+@jobs_app.command("run")
+def jobs_run(
+    ctx: typer.Context,
+    job: Annotated[str | None, typer.Argument(
+        help="Only this job (it must exist); default: every job.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Exit when no job is left.")] = False,
+    concurrency: Annotated[int | None, typer.Option(
+        "--relocation-concurrency", min=1, max=64,
+        help="Objects copied in parallel (image metadata "
+             "conf_rbd_concurrent_management_ops).")] = None,
+    parallel_jobs: Annotated[int, typer.Option(
+        "--jobs", min=1, max=64, help="Jobs relocated at once, the pools taking turns.")]
+    = PARALLEL_JOBS,
+    max_attempts: Annotated[int, typer.Option(
+        "--max-attempts", min=1, max=1000, help="Failed attempts in a row, without "
+        "progress, before a job is marked failed.")] = MAX_ATTEMPTS,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Relocate and commit every staged instant restore, resuming interrupted ones."""
+    level = logging.getLevelName(log_level.upper())
+    use_json_logs(level if isinstance(level, int) else logging.INFO)
+    cfg = load_config(ctx)
+    with open_cluster(cfg) as cluster:
+        if job is not None:
+            JobStore(cluster).get(job)  # an unknown id is an error, not an idle runner
+        runner = JobRunner(cluster, ControlClient(cfg.fetcher), concurrency,
+                           max_attempts=max_attempts, parallel_jobs=parallel_jobs)
+        typer.echo("job runner ready", err=True)
+        runner.serve(once=once, only=job)
+
+
+@jobs_app.command("retry")
+def jobs_retry(ctx: typer.Context, job: str) -> None:
+    """Put a failed job back in the queue; a job runner takes it up again."""
+    with open_cluster(load_config(ctx)) as cluster:
+        store = JobStore(cluster)
+        record = store.get(job)
+        if record.state != "failed":
+            raise UserError(f"job {job} is {record.state}; only failed jobs are retried")
+        store.save(record.with_(state="staged", attempts=0, error=""))
+    typer.echo(f"job {job} is queued again")
