@@ -15,7 +15,7 @@ from typing import Any
 from rbd_restore.config import CephSettings
 from rbd_restore.errors import NotFoundError, UnavailableError, UsageError
 
-_NAME = re.compile(r"^[^/@\s]+$")
+IMAGE_NAME = re.compile(r"^[^/@\s]{1,256}$")  # also what a pool name may be here
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ImageRef:
     def parse(cls, text: str, default_pool: str = "") -> ImageRef:
         """``POOL/IMAGE``, or ``IMAGE`` in ``default_pool``."""
         pool, _, name = text.rpartition("/") if "/" in text else (default_pool, "", text)
-        if not pool or not _NAME.match(pool) or not _NAME.match(name or "/"):
+        if not pool or not IMAGE_NAME.match(pool) or not IMAGE_NAME.match(name or "/"):
             raise UsageError(f"image {text!r} is not of the form POOL/IMAGE")
         return cls(pool, name)
 
@@ -41,6 +41,7 @@ class Cluster:
     def __init__(self, settings: CephSettings, timeout: int = 30) -> None:
         import rados
 
+        self.settings = settings
         conf = {"client_mount_timeout": str(timeout)}
         if settings.keyring:
             conf["keyring"] = settings.keyring

@@ -10,6 +10,7 @@ image has watchers (a VM may be using it).
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ def prepare(ioctx: Any, name: str, url: str) -> None:
         # librbd opens the source (HEAD) while preparing; the URL is not echoed.
         raise UnavailableError(f"librbd could not open the backup through the fetcher "
                                f"({type(exc).__name__})") from None
+    except rbd.Error as exc:  # librbd's message holds the source spec: never echo it
+        raise UserError(f"librbd refused to stage image {name} "
+                        f"({type(exc).__name__}, errno {getattr(exc, 'errno', '?')})") from None
 
 
 @dataclass(frozen=True)
@@ -81,16 +85,29 @@ def state(ioctx: Any, name: str) -> MigrationState | None:
                           str(status.get("state_description", "")))
 
 
-def execute(ioctx: Any, name: str, progress: Progress | None = None) -> None:
-    """Copy every object not yet in the destination; safe to run again after a failure."""
+def execute(ioctx: Any, name: str, progress: Progress | None = None,
+            cancelled: Callable[[], bool] | None = None) -> None:
+    """Copy every object not yet in the destination; safe to run again after a failure.
+
+    ``cancelled`` is asked at each object: when it answers True, librbd starts no
+    more copies (only where the copy runs in this process; one forwarded to the
+    VM holding the image's lock runs on to its end there)."""
     import rbd
 
     def on_progress(done: int, total: int) -> int:
         if progress:
             progress(done, total)
-        return 0
+        return -errno.ECANCELED if cancelled is not None and cancelled() else 0
 
     rbd.RBD().migration_execute(ioctx, name, on_progress=on_progress)
+
+
+def set_concurrency(ioctx: Any, name: str, objects: int) -> None:
+    """Objects copied in parallel by ``execute``, in whichever client runs it."""
+    import rbd
+
+    with rbd.Image(ioctx, name) as image:
+        image.metadata_set("conf_rbd_concurrent_management_ops", str(objects))
 
 
 def commit(ioctx: Any, name: str) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -34,7 +36,7 @@ from rbd_restore.devcluster.layout import (
     keyring_text,
     write_private,
 )
-from rbd_restore.devcluster.processes import DaemonSpec, stop_all
+from rbd_restore.devcluster.processes import DaemonSpec, is_running, stop_all
 from rbd_restore.errors import DevClusterError
 
 RBD_POOLS = ("rbd", "volumes")
@@ -342,3 +344,21 @@ def status(root: Path) -> dict[str, bool]:
     if layout.read_state() is None:
         raise DevClusterError(f"{layout.root} holds no embedded cluster")
     return {spec.name: spec.running() for spec in daemon_specs(layout)}
+
+
+def kill(root: Path, name: str, sig: int = signal.SIGKILL, timeout: float = 30.0) -> None:
+    """Signal one daemon (``mon``, ``mgr``, ``osd`` or ``rgw``) by its recorded pid and wait
+    for it to exit; `up` starts it again. For fault injection."""
+    layout = Layout(root.resolve())
+    specs = {spec.name: spec for spec in daemon_specs(layout)}
+    if name not in specs:
+        raise DevClusterError(f"no daemon {name!r}: use one of {', '.join(specs)}")
+    record = specs[name].record()
+    if record is None or not is_running(record):
+        return
+    os.kill(record.pid, sig)
+    deadline = time.monotonic() + timeout
+    while is_running(record):
+        if time.monotonic() > deadline:
+            raise DevClusterError(f"{name} did not exit after signal {sig}")
+        time.sleep(0.05)

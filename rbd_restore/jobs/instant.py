@@ -1,4 +1,12 @@
-"""Start an instant restore: a fetcher session, the staging image, a job record."""
+"""Start an instant restore: a job record, a fetcher session, the staging image.
+
+The record comes first, in state ``preparing`` and under the job's lease, so
+a restore killed at any point leaves something a job runner finishes: an
+image that was prepared is relocated and committed like any other, a half-made
+one is removed, and the session is closed. A restore that fails cleanly
+(unknown backup, fetcher unreachable) removes its record again: nothing was
+created.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ from rbd_restore import lazy_clone
 from rbd_restore.ceph import Cluster, ImageRef, image_exists
 from rbd_restore.errors import AlreadyExistsError, UserError
 from rbd_restore.fetcher.client import ControlClient
+from rbd_restore.jobs.lease import lease, runner_cookie
 from rbd_restore.jobs.store import JobRecord, JobStore, new_job_id, now_iso
 
 
@@ -18,21 +27,36 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
     """Prepare ``ref`` so a VM can boot on it; the relocation is left to a job runner,
     which starts it no sooner than ``relocate_after_seconds`` from now."""
     started = time.monotonic()
+    store = JobStore(cluster)
     with cluster.ioctx(ref.pool) as ioctx:
         if image_exists(ioctx, ref.name):
             raise AlreadyExistsError(f"image {ref} already exists; restore never overwrites")
-        session = control.create(backup_id, rate_limit_bytes_per_s, history)
-        try:
-            lazy_clone.prepare(ioctx, ref.name, session["url"])
-        except BaseException:
-            with contextlib.suppress(UserError):
-                control.close(session["session_id"])
-            raise
-    record = JobRecord(id=new_job_id(), backup_id=backup_id, pool=ref.pool, image=ref.name,
-                       session_id=session["session_id"], state="staged", created=now_iso(),
-                       updated=now_iso(), bytes_total=int(session.get("allocated_bytes", 0)),
-                       ready_seconds=time.monotonic() - started,
-                       relocate_after=now_iso(relocate_after_seconds)
-                       if relocate_after_seconds > 0 else "")
-    JobStore(cluster).save(record)
+        record = JobRecord(id=new_job_id(), backup_id=backup_id, pool=ref.pool,
+                           image=ref.name, session_id="", state="preparing",
+                           created=now_iso(), updated=now_iso(),
+                           relocate_after=now_iso(relocate_after_seconds)
+                           if relocate_after_seconds > 0 else "")
+        with lease(ioctx, record.id, runner_cookie(), "rbd-restore restore"):
+            store.save(record)
+            session_id = ""
+            try:
+                session = control.create(backup_id, rate_limit_bytes_per_s, history,
+                                         job_id=record.id, image=str(ref))
+                session_id = session["session_id"]
+                record = record.with_(session_id=session_id,
+                                      bytes_total=int(session.get("allocated_bytes", 0)))
+                store.save(record)
+                lazy_clone.prepare(ioctx, ref.name, session["url"])
+            except BaseException as exc:
+                if isinstance(exc, AlreadyExistsError) or (
+                        isinstance(exc, Exception) and not image_exists(ioctx, ref.name)):
+                    # Nothing was made (or the image is someone else's, made meanwhile):
+                    # no session, no job.
+                    if session_id:
+                        with contextlib.suppress(UserError):
+                            control.close(session_id)
+                    store.remove(record)
+                raise  # else (interrupted, or an image exists) a runner finishes it
+            record = record.with_(state="staged", ready_seconds=time.monotonic() - started)
+            store.save(record)
     return record

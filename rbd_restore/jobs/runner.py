@@ -1,22 +1,27 @@
 """Run instant-restore jobs to the end: relocate, commit, close the session.
 
-A job is claimed with an expiring RADOS lock, renewed while it runs, so a
-runner that dies leaves the job to the next runner (or itself, restarted).
-Relocation is resumable: ``migration_execute`` skips objects already copied.
-When a VM holds the image's exclusive lock, librbd forwards the relocation to
-it; if the VM stops or the lock moves mid-way, the call fails and is retried.
+Each step is chosen from the image header's migration state, not from the
+record, so a job resumes wherever a runner died: ``prepared`` or ``executing``
+relocate (``migration_execute`` skips what is copied), ``executed`` commits,
+no migration any more means committed; an image gone means aborted; a restore
+that died while preparing is cleaned up. Failures are retried with a capped
+backoff; after ``max_attempts`` in a row without progress the job is marked
+``failed`` with the reason (``jobs retry`` puts it back).
+
+A job is claimed with an expiring RADOS lock (rbd_restore.jobs.lease). A runner
+that loses it stops relocating and never commits. Several jobs run at once,
+each on its own thread, taken from the pools in turn; one stuck or failing job
+never holds up the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,20 +29,18 @@ from rbd_restore import lazy_clone
 from rbd_restore.ceph import Cluster
 from rbd_restore.errors import NotFoundError, UnavailableError, UserError
 from rbd_restore.fetcher.client import ControlClient
-from rbd_restore.jobs.store import ACTIVE, JOBS_OBJECT, JobRecord, JobStore
-from rbd_restore.periodic import every
+from rbd_restore.jobs import isolated
+from rbd_restore.jobs.lease import JobBusy, Lease, LeaseLost, lease, runner_cookie
+from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
-LOCK_SECONDS = 30
 SAVE_EVERY = 1.0
-RETRY_DELAYS = (1, 2, 5, 10, 20, 30)
+RETRY_DELAYS = (1, 2, 5, 10, 20, 30, 60)
+MAX_ATTEMPTS = 10
+PARALLEL_JOBS = 4
 
 Progress = Callable[[float, JobRecord], None]
-
-
-class JobBusy(UserError):
-    """Another runner holds the job."""
 
 
 @dataclass
@@ -50,95 +53,140 @@ class _Live:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def fair_order(records: Iterable[JobRecord]) -> list[JobRecord]:
+    """Oldest first within a pool, the pools taking turns: a pool with many restores
+    does not hold back the others'."""
+    by_pool: dict[str, list[JobRecord]] = {}
+    for record in sorted(records, key=lambda r: r.id):
+        by_pool.setdefault(record.pool, []).append(record)
+    ordered: list[JobRecord] = []
+    queues = list(by_pool.values())
+    while queues:
+        ordered.extend(q.pop(0) for q in queues)
+        queues = [q for q in queues if q]
+    return ordered
+
+
 class JobRunner:
     def __init__(self, cluster: Cluster, control: ControlClient | None,
-                 relocation_concurrency: int | None = None) -> None:
+                 relocation_concurrency: int | None = None, max_attempts: int = MAX_ATTEMPTS,
+                 parallel_jobs: int = PARALLEL_JOBS) -> None:
         self.cluster = cluster
         self.store = JobStore(cluster)
         self.control = control
         self.concurrency = relocation_concurrency
-        self.cookie = f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
-
-    @contextmanager
-    def claim(self, ioctx: Any, job_id: str) -> Iterator[None]:
-        import rados
-
-        name = f"job.{job_id}"
-        try:
-            ioctx.lock_exclusive(JOBS_OBJECT, name, self.cookie, "rbd-restore job runner",
-                                 duration=LOCK_SECONDS)
-        except (rados.ObjectBusy, rados.ObjectExists):
-            raise JobBusy(f"job {job_id} is being run by another job runner") from None
-
-        def renew() -> None:
-            try:
-                ioctx.lock_exclusive(JOBS_OBJECT, name, self.cookie, "rbd-restore job runner",
-                                     duration=LOCK_SECONDS, flags=1)  # LOCK_FLAG_MAY_RENEW
-            except rados.Error as exc:
-                log.warning("job %s: lock renewal failed: %s", job_id, exc)
-
-        try:
-            with every(LOCK_SECONDS / 3, renew, f"job-lock {job_id}"):
-                yield
-        finally:
-            with contextlib.suppress(rados.Error):
-                ioctx.unlock(JOBS_OBJECT, name, self.cookie)
+        self.max_attempts = max_attempts
+        self.parallel_jobs = parallel_jobs
+        self.stopping = threading.Event()
 
     def _close_session(self, record: JobRecord) -> None:
-        if self.control is None:
+        if self.control is None or not record.session_id:
             return
         with contextlib.suppress(NotFoundError):  # closed already
             self.control.close(record.session_id)
 
-    def run(self, record: JobRecord, progress: Progress | None = None) -> JobRecord:
-        """Finish one job; returns its final record (committed, failed or aborted).
-        A job whose relocation must wait (``relocate_after``) is waited for here."""
-        started = time.monotonic()
-        with self.cluster.ioctx(record.pool) as ioctx, self.claim(ioctx, record.id):
-            if (due_in := record.due_in()) > 0:
-                log.info("job %s: relocation starts at %s", record.id, record.relocate_after)
-                time.sleep(due_in)
-            if self.concurrency:
-                import rbd
-
-                with rbd.Image(ioctx, record.image) as image:
-                    image.metadata_set("conf_rbd_concurrent_management_ops",
-                                       str(self.concurrency))
-            attempt = 0
-            while True:
-                try:
-                    migration = lazy_clone.state(ioctx, record.image)
-                except NotFoundError:
-                    record = record.with_(state="aborted", error="the image was removed")
-                    self.store.save(record)
-                    self._close_session(record)
-                    return record
-                except UnavailableError:
-                    migration = lazy_clone.MigrationState("unknown", "")  # retried below
-                if migration is None:  # committed, by us earlier or by hand
-                    record = record.with_(state="committed", progress=1.0, error="")
-                    break
-                try:
-                    record = self._relocate(ioctx, record, progress)
-                    lazy_clone.commit(ioctx, record.image)
-                    record = record.with_(state="committed", progress=1.0, error="",
-                                          committed_seconds=record.committed_seconds or
-                                          record.ready_seconds + time.monotonic() - started)
-                    break
-                except Exception as exc:  # librbd errors: lock hand-over, VM stopped, network
-                    delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-                    attempt += 1
-                    message = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-                    log.warning("job %s: relocation attempt %d failed (%s); retrying in %d s",
-                                record.id, attempt, message, delay)
-                    record = record.with_(error=f"retrying after: {message}")
-                    self.store.save(record)
-                    time.sleep(delay)
-            self.store.save(record)
-        self._close_session(record)
+    def _finish(self, record: JobRecord) -> JobRecord:
+        """Save a job's last state. Its session closes only when nothing can read through
+        it any more: a failed job's image is still staged, and a VM may run on it."""
+        self.store.save(record)
+        if record.state in ("committed", "aborted"):
+            self._close_session(record)
         return record
 
-    def _relocate(self, ioctx: Any, record: JobRecord, progress: Progress | None) -> JobRecord:
+    def _librbd(self, op: str, record: JobRecord, progress: Any = None,
+                cancelled: Any = None) -> Any:
+        return isolated.call(self.cluster.settings, op, record.pool, record.image, progress,
+                             cancelled, self.concurrency)
+
+    # One job
+
+    def run(self, record: JobRecord, progress: Progress | None = None) -> JobRecord:
+        """Take the job's lease and work on it until it is committed, failed or aborted.
+        A job whose relocation must wait (``relocate_after``) is waited for here."""
+        with self.cluster.ioctx(record.pool) as ioctx, \
+                lease(ioctx, record.id, runner_cookie(), "rbd-restore job runner") as held:
+            return self._run_held(ioctx, record, held, progress)
+
+    def _run_held(self, ioctx: Any, record: JobRecord, held: Lease,
+                  progress: Progress | None) -> JobRecord:
+        started = time.monotonic()
+        while (due_in := record.due_in()) > 0:
+            held.check()
+            self.stopping.wait(min(due_in, 1.0))
+        while not self.stopping.is_set():
+            held.check()
+            before = record.progress
+            try:
+                final = self._step(ioctx, record, held, progress, started)
+                if final is not None:
+                    return final
+                continue
+            except LeaseLost:
+                raise
+            except Exception as exc:  # librbd: lock hand-over, VM stopped, fetcher away
+                message = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+                if isinstance(exc, UserError):
+                    message = exc.message[:300]
+                else:
+                    log.debug("job %s: attempt failed", record.id, exc_info=True)
+                record = self.store.load(record.pool, record.id) or record
+                if self.stopping.is_set():
+                    break
+                attempts = 1 if record.progress > before else record.attempts + 1
+            if attempts >= self.max_attempts:
+                log.error("job %s: failed after %d attempts: %s", record.id, attempts, message)
+                return self._finish(record.with_(
+                    state="failed", attempts=attempts,
+                    error=f"gave up after {attempts} attempts: {message}"))
+            delay = RETRY_DELAYS[min(attempts - 1, len(RETRY_DELAYS) - 1)]
+            log.warning("job %s: attempt %d failed (%s); retrying in %d s", record.id,
+                        attempts, message, delay)
+            record = record.with_(attempts=attempts, error=f"retrying after: {message}")
+            self.store.save(record)
+            self.stopping.wait(delay)
+        return record  # the runner is stopping; the job stays active for the next one
+
+    def _step(self, ioctx: Any, record: JobRecord, held: Lease, progress: Progress | None,
+              started: float) -> JobRecord | None:
+        """One move from the image's current migration state; the final record when
+        the job is over, None to look again."""
+        try:
+            found = self._librbd("state", record)
+            migration = None if found is None else lazy_clone.MigrationState(**found)
+        except NotFoundError:
+            why = ("the restore stopped before its image was created"
+                   if record.state == "preparing" else "the image was removed")
+            return self._finish(record.with_(state="aborted", error=why))
+        if migration is None:  # committed, by us earlier or by hand
+            return self._finish(record.with_(state="committed", progress=1.0, error="",
+                                             attempts=0))
+        if migration.state == "preparing":
+            # The restore died inside migration_prepare_import: nothing could boot on
+            # it yet. abort refuses if anything has it open.
+            lazy_clone.abort(ioctx, record.image)
+            return self._finish(record.with_(
+                state="aborted", error="the restore stopped while preparing its image; "
+                "the half-made image was removed"))
+        if migration.state == "aborting":
+            return self._finish(record.with_(
+                state="failed", error="an abort of this image was interrupted: run "
+                f"`rbd-restore abort {record.id}` again"))
+        if migration.state in ("prepared", "executing"):
+            record = self._relocate(ioctx, record, held, progress)
+            return None
+        if migration.state == "executed":
+            held.check()
+            self._librbd("commit", record)
+            log.info("job committed", extra={"job": record.id})
+            return self._finish(record.with_(
+                state="committed", progress=1.0, error="", attempts=0,
+                committed_seconds=record.committed_seconds
+                or record.ready_seconds + time.monotonic() - started))
+        raise UnavailableError(f"image {record.spec} is in migration state "
+                               f"{migration.state} ({migration.description or 'no detail'})")
+
+    def _relocate(self, ioctx: Any, record: JobRecord, held: Lease,
+                  progress: Progress | None) -> JobRecord:
         record = record.with_(state="relocating")
         self.store.save(record)
         live = _Live(fraction=record.progress, start_fraction=record.progress)
@@ -151,6 +199,8 @@ class JobRunner:
         def persist() -> None:
             nonlocal record
             while not done.wait(SAVE_EVERY):
+                if held.lost.is_set():
+                    return  # the job's record is another runner's to write now
                 record = self._snapshot(record, live)
                 self.store.save(record)
                 if progress:
@@ -159,12 +209,15 @@ class JobRunner:
         saver = threading.Thread(target=persist, daemon=True)
         saver.start()
         try:
-            lazy_clone.execute(ioctx, record.image, on_progress)
+            self._librbd("execute", record, on_progress,
+                         lambda: held.lost.is_set() or self.stopping.is_set())
         finally:
             done.set()
             saver.join()
+        held.check()
         live.fraction = 1.0
         record = self._snapshot(record, live)
+        self.store.save(record)
         if progress:
             progress(1.0, record)
         return record
@@ -177,33 +230,54 @@ class JobRunner:
         rate = (fraction - live.start_fraction) * record.bytes_total / elapsed if elapsed else 0
         return record.with_(progress=fraction, rate_bytes_per_s=rate)
 
+    # Every job
+
+    def _run_one(self, record: JobRecord) -> None:
+        """A job on a worker thread: whatever goes wrong stays with this job."""
+        try:
+            final = self.run(record)
+            log.info("job finished", extra={"job": record.id, "state": final.state})
+        except JobBusy:
+            pass
+        except LeaseLost as exc:
+            log.error("%s", exc.message)
+        except UserError as exc:
+            log.error("job %s: %s", record.id, exc.message)
+        except Exception:
+            log.exception("job %s: unexpected failure", record.id)
+
     def serve(self, poll_seconds: float = 2.0, once: bool = False,
               only: str | None = None) -> None:
-        """Run every active job (or only job ``only``) until stopped; with ``once``,
-        until no such job is active.
+        """Run every active job (or only job ``only``), up to ``parallel_jobs`` at once,
+        until stopped; with ``once``, until no such job is active.
 
         A job whose runner died stays locked until its lock expires; it is then
         taken over here, so waiting for it is part of "once".
         """
-        while True:
-            active = ran = 0
-            wait = poll_seconds
-            for record in self.store.list():
-                if record.state not in ACTIVE or only not in (None, record.id):
-                    continue
-                active += 1
-                if (due_in := record.due_in()) > 0:  # the VM boots first; others go on
-                    wait = min(wait, due_in)
-                    continue
-                try:
-                    final = self.run(record)
-                    ran += 1
-                    log.info("job finished", extra={"job": record.id, "state": final.state})
-                except JobBusy:
-                    continue
-                except UserError as exc:
-                    log.error("job %s: %s", record.id, exc.message)
-            if once and not active:
-                return
-            if not ran:
-                time.sleep(wait)
+        running: dict[str, Future[None]] = {}
+        with ThreadPoolExecutor(self.parallel_jobs, thread_name_prefix="job") as pool:
+            try:
+                while not self.stopping.is_set():
+                    for job_id in [j for j, f in running.items() if f.done()]:
+                        del running[job_id]
+                    try:
+                        active = [r for r in self.store.list()
+                                  if r.state in ACTIVE and only in (None, r.id)]
+                    except UserError as exc:  # Ceph away: try again, keep what runs
+                        log.error("job runner: %s", exc.message)
+                        active = []
+                    if once and not active and not running:
+                        return
+                    waiting = poll_seconds
+                    for record in fair_order(r for r in active if r.id not in running):
+                        if (due_in := record.due_in()) > 0:
+                            waiting = min(waiting, due_in)
+                        elif len(running) < self.parallel_jobs:
+                            running[record.id] = pool.submit(self._run_one, record)
+                    if running:
+                        wait(list(running.values()), timeout=waiting,
+                             return_when=FIRST_COMPLETED)
+                    else:
+                        self.stopping.wait(waiting)
+            finally:
+                self.stopping.set()  # running jobs stop at their next object

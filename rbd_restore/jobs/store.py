@@ -13,19 +13,21 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import re
+import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from rbd_restore.ceph import Cluster
-from rbd_restore.errors import NotFoundError, UsageError
+from rbd_restore.ceph import IMAGE_NAME, Cluster
+from rbd_restore.errors import NotFoundError, UnavailableError, UsageError, UserError
+from rbd_restore.repo.layout import BACKUP_ID, JOB_ID, SESSION_ID
+
+log = logging.getLogger(__name__)
 
 JOBS_OBJECT = "rbd_restore.jobs"
-JOB_ID = re.compile(r"^r[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
-STATES = ("staged", "relocating", "committed", "failed", "aborted")
-ACTIVE = ("staged", "relocating")
+STATES = ("preparing", "staged", "relocating", "committed", "failed", "aborted")
+ACTIVE = ("preparing", "staged", "relocating")
 
 
 def new_job_id() -> str:
@@ -53,6 +55,7 @@ class JobRecord:
     ready_seconds: float = 0.0
     committed_seconds: float = 0.0
     relocate_after: str = ""  # ISO time before which no runner relocates; "": at once
+    attempts: int = 0  # relocation attempts in a row that failed without progress
 
     @property
     def spec(self) -> str:
@@ -92,10 +95,57 @@ class JobRecord:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def decode(cls, data: bytes) -> JobRecord:
-        raw = json.loads(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+    def decode(cls, data: bytes, pool: str, key: str) -> JobRecord:
+        """A record read from ``pool`` under ``key``; ``ValueError`` when it is malformed
+        or claims another pool or id: a record is only trusted about its own pool."""
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("not JSON") from None
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        values: dict[str, Any] = {}
+        for spec in dataclasses.fields(cls):
+            if spec.name not in raw:
+                if spec.default is dataclasses.MISSING:
+                    raise ValueError(f"field {spec.name} is missing")
+                continue
+            value = raw[spec.name]
+            wanted = _FIELD_TYPES[spec.name]
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                raise ValueError(f"field {spec.name} has the wrong type")
+            values[spec.name] = float(value) if wanted == (int, float) else value
+        record = cls(**values)
+        if record.id != key:
+            raise ValueError(f"record names job {record.id!r:.40}")
+        if record.pool != pool:
+            raise ValueError(f"record names pool {record.pool!r:.40}, not its own")
+        if not IMAGE_NAME.match(record.image):
+            raise ValueError(f"image {record.image!r:.80} is not an image name")
+        if record.state not in STATES:
+            raise ValueError(f"unknown state {record.state!r:.20}")
+        if record.session_id and not SESSION_ID.match(record.session_id):
+            raise ValueError("session id is malformed")
+        if not BACKUP_ID.match(record.backup_id):
+            raise ValueError("backup id is malformed")
+        if record.relocate_after:
+            try:
+                dt.datetime.fromisoformat(record.relocate_after)
+            except ValueError:
+                raise ValueError("relocate_after is not a time") from None
+        return record
+
+
+_FIELD_TYPES: dict[str, type[Any] | tuple[type[Any], ...]] = {
+    f.name: (int, float) if f.type in ("float", float) else
+    int if f.type in ("int", int) else str
+    for f in dataclasses.fields(JobRecord)}
+
+
+@dataclass(frozen=True)
+class JobScan:
+    records: list[JobRecord]
+    problems: list[str]  # pools that could not be read, records that did not parse
 
 
 class JobStore:
@@ -109,7 +159,33 @@ class JobStore:
             ioctx.set_omap(op, (record.id,), (record.encode(),))
             ioctx.operate_write_op(op, JOBS_OBJECT)
 
-    def _pool_records(self, pool: str) -> Iterator[JobRecord]:
+    def remove(self, record: JobRecord) -> None:
+        """Forget a job that never created anything (its restore failed cleanly)."""
+        import rados
+
+        with self.cluster.ioctx(record.pool) as ioctx, rados.WriteOpCtx() as op:
+            ioctx.remove_omap_keys(op, (record.id,))
+            ioctx.operate_write_op(op, JOBS_OBJECT)
+
+    def load(self, pool: str, job_id: str) -> JobRecord | None:
+        """One record as stored now; None when it is gone or does not parse."""
+        import rados
+
+        with self.cluster.ioctx(pool) as ioctx, rados.ReadOpCtx() as op:
+            values, _ = ioctx.get_omap_vals_by_keys(op, (job_id,))
+            try:
+                ioctx.operate_read_op(op, JOBS_OBJECT)
+            except rados.ObjectNotFound:
+                return None
+            found = dict(values)
+        if job_id not in found:
+            return None
+        try:
+            return JobRecord.decode(found[job_id], pool, job_id)
+        except ValueError:
+            return None
+
+    def _pool_records(self, pool: str, problems: list[str]) -> Iterator[JobRecord]:
         import rados
 
         with self.cluster.ioctx(pool) as ioctx:
@@ -123,17 +199,39 @@ class JobStore:
                         return
                     batch = list(values)
                 for key, value in batch:
-                    if JOB_ID.match(key):
-                        yield JobRecord.decode(value)
+                    if not JOB_ID.match(key):
+                        continue
+                    try:
+                        yield JobRecord.decode(value, pool, key)
+                    except ValueError as exc:
+                        problems.append(f"pool {pool}: job record {key} skipped: {exc}")
                 if len(batch) < 500:
                     return
                 start = batch[-1][0]
 
-    def list(self) -> list[JobRecord]:
+    def scan(self) -> JobScan:
+        """Every job record in every pool this Ceph user can read; a pool it may not read
+        or a record that does not parse is reported, never fatal for the others."""
+        import rados
+
         records: list[JobRecord] = []
-        for pool in self.cluster.rados.list_pools():
-            records.extend(self._pool_records(pool))
-        return sorted(records, key=lambda r: r.id)
+        problems: list[str] = []
+        try:
+            pools = self.cluster.rados.list_pools()
+        except rados.Error as exc:
+            raise UnavailableError(f"cannot list pools: {type(exc).__name__}") from None
+        for pool in pools:
+            try:
+                records.extend(self._pool_records(pool, problems))
+            except (rados.Error, UserError) as exc:
+                reason = exc.message if isinstance(exc, UserError) else type(exc).__name__
+                problems.append(f"pool {pool}: job records not readable ({reason})")
+        for problem in problems:
+            log.info("%s", problem)
+        return JobScan(sorted(records, key=lambda r: r.id), problems)
+
+    def list(self) -> list[JobRecord]:
+        return self.scan().records
 
     def get(self, job_id: str) -> JobRecord:
         if not JOB_ID.match(job_id):
