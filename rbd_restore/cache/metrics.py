@@ -40,8 +40,13 @@ class FetcherMetrics:
         self.s3_seconds = Histogram("rbd_restore_fetcher_s3_get_seconds",
                                     "S3 chunk GET latency", buckets=LATENCY_BUCKETS, registry=r)
         self.s3_retries = Counter("rbd_restore_fetcher_s3_retries",
-                                  "Chunk fetches retried after an S3 error or bad checksum",
-                                  registry=r)
+                                  "S3 requests and chunk fetches retried (errors, bad "
+                                  "checksums)", registry=r)
+        self.s3_errors = Counter("rbd_restore_fetcher_s3_errors",
+                                 "S3 requests that failed and were retried, by kind: "
+                                 "throttled (503 SlowDown), server (5xx), connection "
+                                 "(refused, reset, stalled, cut off) or damaged (did not "
+                                 "match its checksum)", ["kind"], registry=r)
         self.checksum_failures = Counter("rbd_restore_fetcher_checksum_failures",
                                          "Chunks that failed their SHA-256 check", registry=r)
         self.reads = Counter("rbd_restore_fetcher_chunk_reads",

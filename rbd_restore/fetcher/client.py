@@ -40,8 +40,13 @@ class ControlClient:
                                    f"({reason})") from None
 
     def create(self, backup_id: str, rate_limit_bytes_per_s: int = 0,
-               history: int = 0) -> dict[str, Any]:
+               history: int = 0, job_id: str = "", image: str = "") -> dict[str, Any]:
+        """A session on the backup; ``job_id`` and ``image`` name the restore that
+        holds it (shown to whoever tries to delete the backup meanwhile)."""
         body: dict[str, Any] = {"backup_id": backup_id}
+        if job_id:
+            body["job_id"] = job_id
+            body["image"] = image
         if rate_limit_bytes_per_s:
             body["rate_limit_bytes_per_s"] = rate_limit_bytes_per_s
         if history:

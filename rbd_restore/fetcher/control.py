@@ -16,10 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
+from rbd_restore.cache.metrics import FetcherMetrics
 from rbd_restore.errors import NotFoundError, UnavailableError, UsageError, UserError
-from rbd_restore.fetcher.metrics import FetcherMetrics
 from rbd_restore.fetcher.sessions import SessionBook
 from rbd_restore.prefetch.coordinator import Prefetcher
+from rbd_restore.repo.locks import RepositoryBusy
 from rbd_restore.repo.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class ControlPlane:
         except web.HTTPException:
             raise
         except UserError as exc:
-            status = {UsageError: 400, NotFoundError: 404, UnavailableError: 503}.get(
+            status = {UsageError: 400, NotFoundError: 404, UnavailableError: 503,
+                      RepositoryBusy: 409}.get(
                 type(exc), 404 if isinstance(exc, NotFoundError) else 500)
             return web.json_response({"error": exc.message}, status=status)
 
@@ -78,8 +80,15 @@ class ControlPlane:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UsageError(f"{field} must be a whole number >= 0")
             numbers[field] = value
+        holder = {}
+        for field in ("job_id", "image"):
+            value = body.get(field, "")
+            if not isinstance(value, str):
+                raise UsageError(f"{field} must be a string")
+            holder[field] = value
         session, sizes, manifest = await self.blocking(
-            self.book.create, backup_id, numbers["rate_limit_bytes_per_s"], numbers["history"])
+            self.book.create, backup_id, numbers["rate_limit_bytes_per_s"], numbers["history"],
+            holder["job_id"], holder["image"])
         log.info("session created", extra={"session": session.session_id,
                                             "backup": backup_id})
         self._spawn(self.prime(session.session_id, session.created, manifest,

@@ -11,8 +11,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_SPEC = re.compile(r"^\s*bytes\s*=\s*(.*)$", re.IGNORECASE)
-_ONE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+# RFC 9110 digits are ASCII (DIGIT = %x30-39); Python's \d would take any Unicode digit.
+_SPEC = re.compile(r"^[ \t]*bytes[ \t]*=[ \t]*(.*)$", re.IGNORECASE | re.ASCII)
+_ONE = re.compile(r"^[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*$", re.ASCII)
+# A position of more digits than this lies beyond any file (2**64 has 20 digits), and
+# int() refuses strings of over 4,300 digits: such numbers are "past any end".
+MAX_DIGITS = 20
+PAST_ANY_END = 1 << 64
+
+
+def _position(digits: str) -> int:
+    stripped = digits.lstrip("0") or "0"
+    return PAST_ANY_END if len(stripped) > MAX_DIGITS else int(stripped)
 
 
 @dataclass(frozen=True)
@@ -52,14 +62,14 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         return None
     first, last = one.group(1), one.group(2)
     if not first:  # suffix range: the last N bytes
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable("empty suffix range")
         return ByteRange(max(0, size - suffix), size)
-    start = int(first)
-    if last and int(last) < start:
+    start = _position(first)
+    if last and _position(last) < start:
         return None  # invalid: ignored
     if start >= size:
         raise RangeNotSatisfiable(f"range starts at {start}, file has {size} bytes")
-    end = size if not last else min(size, int(last) + 1)
+    end = size if not last else min(size, _position(last) + 1)
     return ByteRange(start, end)

@@ -24,6 +24,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from rbd_restore.cache.chunk_cache import ChunkCache
+from rbd_restore.cache.metrics import FetcherMetrics
+from rbd_restore.cache.source import S3ChunkSource
 from rbd_restore.config import Config, require
 from rbd_restore.errors import (
     IntegrityError,
@@ -32,13 +35,11 @@ from rbd_restore.errors import (
     UsageError,
     UserError,
 )
-from rbd_restore.fetcher.cache import ChunkCache
+from rbd_restore.fetcher.activation import LISTENERS, inherited_sockets
 from rbd_restore.fetcher.control import ControlPlane
 from rbd_restore.fetcher.headers import SERVER, padded
-from rbd_restore.fetcher.metrics import FetcherMetrics
 from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from rbd_restore.fetcher.sessions import SessionBook
-from rbd_restore.fetcher.source import S3ChunkSource
 from rbd_restore.prefetch.coordinator import Prefetcher, PrefetchSettings
 from rbd_restore.prefetch.profiles import ProfileStore
 from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Qcow2View, Segment
@@ -76,7 +77,13 @@ class FetcherService:
     def __init__(self, cfg: Config, cache_dir: Path | None = None,
                  cache_size: int | None = None, listen: str | None = None) -> None:
         fc = cfg.fetcher
-        self.listeners = Listeners(listen or fc.listen, fc.control_listen, fc.metrics_listen)
+        # Sockets from the service manager outlive this process: a restart is then a
+        # pause for librbd, never a refused connection (activation.py).
+        self.inherited = inherited_sockets()
+        addresses = {name: _address(sock) for name, sock in self.inherited.items()}
+        self.listeners = Listeners(addresses.get("data", listen or fc.listen),
+                                   addresses.get("control", fc.control_listen),
+                                   addresses.get("metrics", fc.metrics_listen))
         for name, value in (("fetcher.listen", self.listeners.data),
                             ("fetcher.control_listen", self.listeners.control),
                             ("fetcher.metrics_listen", self.listeners.metrics)):
@@ -90,6 +97,7 @@ class FetcherService:
         self.prefetch_executor = ThreadPoolExecutor(prefetch.slots, thread_name_prefix="prefetch")
         self.repo = Repository(ObjectStore(cfg.s3, max_connections=fc.s3_concurrency + 8),
                                cfg.s3.prefix)
+        self.repo.store.on_retry = self._count_s3_retry
         self.source = S3ChunkSource(self.repo, self.executor, self.metrics, fc.s3_stall_seconds)
         self.cache = ChunkCache(cache_dir or Path(fc.cache_dir),
                                 cache_size or parse_size(fc.cache_size, "fetcher.cache_size"),
@@ -109,6 +117,10 @@ class FetcherService:
         self.padded_connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.control = ControlPlane(token, self.book, self.prefetch, self.metrics, self.blocking,
                                     self._prime)
+
+    def _count_s3_retry(self, kind: str) -> None:
+        self.metrics.s3_retries.inc()
+        self.metrics.s3_errors.labels(kind).inc()
 
     async def blocking(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
@@ -310,14 +322,20 @@ class FetcherService:
         await self.blocking(self.repo.store.check_bucket)
         await self.blocking(self.book.refresh_closed)
         runners: list[web.AppRunner] = []
-        for app, listen in zip(self.apps(), (self.listeners.data, self.listeners.control,
-                                             self.listeners.metrics), strict=True):
+        for app, name, listen in zip(self.apps(), LISTENERS,
+                                     (self.listeners.data, self.listeners.control,
+                                      self.listeners.metrics), strict=True):
             runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS,
                                    handle_signals=False)
             await runner.setup()
-            host, port = split_hostport(listen, "listen")
+            site: web.BaseSite
+            if name in self.inherited:
+                site = web.SockSite(runner, self.inherited[name])
+            else:
+                host, port = split_hostport(listen, "listen")
+                site = web.TCPSite(runner, host, port, reuse_address=True)
             try:
-                await web.TCPSite(runner, host, port, reuse_address=True).start()
+                await site.start()
             except OSError as exc:
                 raise UnavailableError(f"cannot listen on {listen}: {exc.strerror}") from None
             runners.append(runner)
@@ -337,6 +355,11 @@ class FetcherService:
                 await runner.cleanup()
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.prefetch_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _address(sock: Any) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:

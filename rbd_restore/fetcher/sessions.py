@@ -12,17 +12,21 @@ The methods that touch the bucket block; the server calls them in its executor.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from rbd_restore.errors import NotFoundError, UsageError
+from rbd_restore.errors import NotFoundError, UsageError, UserError
 from rbd_restore.fetcher import tokens
+from rbd_restore.qcow2.view import check_importable
+from rbd_restore.repo.layout import JOB_ID, SESSION_ID
+from rbd_restore.repo.locks import RepositoryBusy, being_deleted, read_clock
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository
-from rbd_restore.repo.store import ObjectMissing
+from rbd_restore.repo.sessions import IMAGE_SPEC, SessionRecord, open_sessions
 
 
 @dataclass(frozen=True)
@@ -58,41 +62,57 @@ class SessionBook:
             return ()
         if count >= tokens.MAX_HISTORY:
             raise UsageError(f"history is limited to {tokens.MAX_HISTORY - 1} backups")
-        older = sorted((m for m in self.repo.manifests()
+        older = sorted((m for m in self.repo.scan_manifests().manifests
                         if m.created_at < head.created_at and m.chunk_size == head.chunk_size
                         and (m.source.fsid, m.source.image_id) == (head.source.fsid,
                                                                    head.source.image_id)),
                        key=lambda m: m.created_at)
         return (*(m.backup_id for m in older[-count:]), head.backup_id)
 
-    def create(self, backup_id: str, rate_limit: int = 0,
-               history: int = 0) -> tuple[Session, dict[str, Any], Manifest]:
+    def create(self, backup_id: str, rate_limit: int = 0, history: int = 0,
+               job_id: str = "", image: str = "") -> tuple[Session, dict[str, Any], Manifest]:
         """A new session, the backup's sizes and its manifest (read once here, so the
-        caller can build the session's view without reading it again)."""
+        caller can build the session's view without reading it again). ``job_id`` and
+        ``image`` name the restore that holds it, for whoever would delete the backup."""
+        if job_id and not JOB_ID.match(job_id):
+            raise UsageError(f"{job_id!r:.40} is not a job id")
+        if image and not IMAGE_SPEC.match(image):
+            raise UsageError(f"{image!r:.80} is not POOL/IMAGE")
         manifest = self.repo.load_manifest(backup_id)
+        check_importable(manifest)
         claim = tokens.SessionClaim(tokens.new_session_id(), backup_id, int(time.time()),
                                     rate_limit, self.history_of(manifest, history))
-        record = {"session_id": claim.session_id, "backup_id": backup_id,
-                  "created": claim.created, "rate_limit": rate_limit,
-                  "history": list(claim.history)}
-        self.repo.store.put(self.repo.keys.session_open(claim.session_id),
-                            json.dumps(record).encode())
+        record = SessionRecord(claim.session_id, backup_id, claim.created, rate_limit,
+                               claim.history, job_id, image)
+        key = self.repo.keys.session_open(claim.session_id)
+        clock = read_clock(self.repo.store, key, record.encode())
+        self._check_not_deleted(record, clock, key)
         sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes,
                  "snapshots": list(claim.history)}
         session = Session(claim.session_id, backup_id, claim.created, self.url_for(claim))
         return session, sizes, manifest
 
+    def _check_not_deleted(self, record: SessionRecord, clock: Any, key: str) -> None:
+        """The other half of ``backups delete``'s protocol (rbd_restore.repo.deletion):
+        after the open record is written, a deletion under way or finished meanwhile
+        makes this session give way."""
+        try:
+            deleting = being_deleted(self.repo.store, self.repo.keys, record.backups, clock)
+            if deleting:
+                raise RepositoryBusy(f"backup {deleting[0]} is being deleted")
+            for backup_id in record.backups:
+                if not self.repo.store.exists(self.repo.keys.manifest(backup_id)):
+                    raise NotFoundError(f"backup {backup_id} was deleted meanwhile")
+        except BaseException:
+            with contextlib.suppress(UserError):
+                self.repo.store.delete(key)
+            raise
+
     def list(self) -> list[Session]:
         sessions = []
-        for info in self.repo.store.list_objects(self.repo.keys.sessions_open_prefix):
-            try:
-                record = json.loads(self.repo.store.get(info.key))
-                claim = tokens.SessionClaim(str(record["session_id"]), str(record["backup_id"]),
-                                            int(record["created"]),
-                                            int(record.get("rate_limit", 0)),
-                                            tuple(record.get("history", ())))
-            except (ObjectMissing, ValueError, KeyError, TypeError):
-                continue  # closed meanwhile, or not ours
+        for record in open_sessions(self.repo).records:
+            claim = tokens.SessionClaim(record.session_id, record.backup_id, record.created,
+                                        record.rate_limit, record.history)
             if time.time() - claim.created <= self.max_age:
                 sessions.append(Session(claim.session_id, claim.backup_id, claim.created,
                                         self.url_for(claim)))
@@ -103,7 +123,7 @@ class SessionBook:
         return sum(1 for _ in self.repo.store.list_objects(self.repo.keys.sessions_open_prefix))
 
     def close(self, session_id: str) -> None:
-        if not tokens.SESSION_ID.match(session_id):
+        if not SESSION_ID.match(session_id):
             raise UsageError(f"{session_id!r:.40} is not a session id")
         key = self.repo.keys.session_open(session_id)
         if not self.repo.store.exists(key):

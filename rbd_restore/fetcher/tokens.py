@@ -19,9 +19,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from rbd_restore.repo.layout import BACKUP_ID
+from rbd_restore.repo.layout import BACKUP_ID, SESSION_ID
 
-SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
 MAX_HISTORY = 16
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,1024}\.[A-Za-z0-9_-]{43}$")
 

@@ -24,10 +24,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from rbd_restore.cache.chunk_cache import ChunkCache
+from rbd_restore.cache.metrics import FetcherMetrics
 from rbd_restore.config import FetcherSettings
 from rbd_restore.errors import UsageError, UserError
-from rbd_restore.fetcher.cache import ChunkCache
-from rbd_restore.fetcher.metrics import FetcherMetrics
 from rbd_restore.prefetch.profiles import (
     BootRecorder,
     ProfileStore,
