@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Annotated
 
@@ -83,7 +84,8 @@ def _reconciled(cluster: Cluster, record: JobRecord) -> tuple[JobRecord, str]:
             return record, ""
         return record.with_(state="aborted", error="the image no longer exists"), ""
     except UnavailableError as exc:  # say so, and still show every other job
-        return record.with_(error=exc.message), ""
+        error = f"{record.error}; now: {exc.message}" if record.error else exc.message
+        return record.with_(error=error), ""
     if migration is None:
         return record.with_(state="committed", progress=1.0), ""
     if migration.state == "executed":
@@ -190,8 +192,14 @@ def jobs_run(
             JobStore(cluster).get(job)  # an unknown id is an error, not an idle runner
         runner = JobRunner(cluster, ControlClient(cfg.fetcher), concurrency,
                            max_attempts=max_attempts, parallel_jobs=parallel_jobs)
+        # SIGTERM (systemd, an operator): running relocations stop at their next object,
+        # their progress is saved, and another runner resumes them.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: runner.stopping.set())
         typer.echo("job runner ready", err=True)
         runner.serve(once=once, only=job)
+    if runner.stopping.is_set() and not once:
+        typer.echo("job runner stopped", err=True)
 
 
 @jobs_app.command("retry")

@@ -1,0 +1,3 @@
+from rbd_restore.cli.main import main
+
+main()
