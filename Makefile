@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: install demo demo-down test lint type unit integration e2e bench clean
+.PHONY: install demo demo-down test lint type unit integration e2e bench faults clean
 
 install:
 	@bash scripts/install.sh
@@ -15,10 +15,10 @@ demo-down:
 	@$(VENV)/bin/rbd-restore dev down --dir $(DEMO_DIR)/cluster --purge
 
 lint: install
-	$(VENV)/bin/ruff check rbd_restore tests bench scripts
+	$(VENV)/bin/ruff check rbd_restore tests bench faults scripts
 
 type: install
-	$(VENV)/bin/mypy rbd_restore bench tests scripts
+	$(VENV)/bin/mypy rbd_restore bench tests faults scripts
 
 unit: install
 	$(VENV)/bin/pytest -q tests/unit
@@ -35,6 +35,10 @@ test: install lint type
 
 bench: install
 	$(PY) -m bench.run
+
+# The fault soak (docs/reliability.md): stops by itself, writes faults/results/latest.md.
+faults: install
+	$(PY) -m faults.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -52,11 +52,35 @@ date +%s > /written-by-guest
 echo "written by the guest" >> /written-by-guest
 sync
 echo "RBD-RESTORE-GUEST-WROTE"
-# rbdrestore.hold=N on the kernel command line keeps the VM up N seconds (tests).
-hold=""
+# Kernel command line (tests): rbdrestore.hold=N keeps the VM up N seconds;
+# rbdrestore.writes=N writes N files of 1 MiB into /written, one every
+# rbdrestore.every=S seconds, each synced and its sum printed, then drops the
+# page cache and reads them all back from the disk.
+hold=""; writes=0; every=1
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in rbdrestore.hold=*) hold="${arg#rbdrestore.hold=}" ;; esac
+  case "$arg" in
+    rbdrestore.hold=*) hold="${arg#rbdrestore.hold=}" ;;
+    rbdrestore.writes=*) writes="${arg#rbdrestore.writes=}" ;;
+    rbdrestore.every=*) every="${arg#rbdrestore.every=}" ;;
+  esac
 done
+if [ "$writes" -gt 0 ]; then
+  mkdir -p /written
+  i=1
+  while [ "$i" -le "$writes" ]; do
+    dd if=/dev/urandom of=/written/file$i bs=1M count=1 2>/dev/null
+    sync
+    echo "RBD-RESTORE-GUEST-WRITE-SUM $(sha256sum /written/file$i)"
+    i=$((i + 1))
+    sleep "$every"
+  done
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+  for f in $(ls /written | sort); do
+    echo "RBD-RESTORE-GUEST-READBACK-SUM $(sha256sum /written/$f)"
+  done
+  echo "RBD-RESTORE-GUEST-WRITES-DONE"
+fi
 [ -n "$hold" ] && sleep "$hold"
 poweroff -f
 """.replace("MARKER_LINE", MARKER)

@@ -2,121 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
+from tests.support.e2e import job, objects_differing, runner, vm_on, wait_job
 from tests.support.fetcher_proc import FetcherProcess
 from tests.support.helpers import Cli, du_used, export_digest
-from tests.support.vm import Vm, build_guest
 
 MiB = 1 << 20
 OBJECT = 4 * MiB
-
-
-@pytest.fixture(scope="module")
-def guest() -> tuple[Path, dict[str, Any]]:
-    return build_guest()
-
-
-@pytest.fixture(scope="module")
-def site(cluster: devcluster.ClusterInfo, rados_cluster: Any, guest: tuple[Path, dict[str, Any]],
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The guest disk backed up (and the original deleted), with a fetcher serving it."""
-    guest_dir, info = guest
-    prefix = f"e2e-{uuid.uuid4().hex[:8]}/"
-    work = tmp_path_factory.mktemp("e2e")
-    fetcher = FetcherProcess(cluster, work / "cache", prefix)
-    fetcher.start()
-    cli = Cli(cluster, prefix, fetcher.env_overrides)
-    source = f"guest-src-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "import", "--no-progress",
-                    str(guest_dir / "root.img"), f"volumes/{source}"], check=True)
-    backup = cli.json("backup", f"volumes/{source}")
-    with rados_cluster.open_ioctx("volumes") as ioctx:
-        remove_image(ioctx, source)
-    try:
-        yield {"cli": cli, "fetcher": fetcher, "backup": backup, "info": info,
-               "guest": guest_dir, "work": work}
-    finally:
-        fetcher.stop()
-
-
-@pytest.fixture
-def target(rados_cluster: Any) -> Iterator[str]:
-    import rbd
-
-    name = f"restored-{uuid.uuid4().hex[:8]}"
-    yield name
-    # A killed QEMU's watch lingers until the OSD times it out (30 s): retry until then.
-    deadline = time.monotonic() + 90
-    with rados_cluster.open_ioctx("volumes") as ioctx:
-        while True:
-            try:
-                with contextlib.suppress(rbd.InvalidArgument, rbd.ImageNotFound):
-                    rbd.RBD().migration_abort(ioctx, name)
-                remove_image(ioctx, name)
-                return
-            except rbd.ImageBusy:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-
-
-def vm_on(site: dict[str, Any], cluster: devcluster.ClusterInfo, image: str,
-          hold: int) -> Vm:
-    return Vm(site["guest"], f"rbd:volumes/{image}:conf={cluster.ceph_conf}",
-              site["work"] / f"{image}-{time.monotonic_ns()}.console", hold)
-
-
-def runner(site: dict[str, Any], *args: str) -> subprocess.Popen[bytes]:
-    cli: Cli = site["cli"]
-    log = open(site["work"] / f"runner-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", "rbd_restore.cli", "jobs", "run", *args],
-                            env=cli.env(), stdout=log, stderr=subprocess.STDOUT)
-
-
-def job(site: dict[str, Any], job_id: str) -> dict[str, Any]:
-    jobs: list[dict[str, Any]] = site["cli"].json("status", job_id)["jobs"]
-    return jobs[0]
-
-
-def wait_job(site: dict[str, Any], job_id: str, done: Any, timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        current = job(site, job_id)
-        if done(current):
-            return current
-        assert time.monotonic() < deadline, current
-        time.sleep(0.2)
-
-
-def objects_differing(cluster: devcluster.ClusterInfo, image: str, original: Path) -> int:
-    exported = original.parent.parent / f"{image}.export"
-    subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "export", "--no-progress",
-                    f"volumes/{image}", str(exported)], check=True)
-    differing = 0
-    with open(exported, "rb") as got, open(original, "rb") as want:
-        while True:
-            a, b = got.read(OBJECT), want.read(OBJECT)
-            if not a and not b:
-                break
-            differing += a != b
-    written = subprocess.run(["debugfs", "-R", "cat /written-by-guest", str(exported)],
-                             capture_output=True, text=True, check=True).stdout
-    exported.unlink()
-    assert "written by the guest" in written
-    return differing
 
 
 def assert_no_secrets(cluster: devcluster.ClusterInfo, site: dict[str, Any], image: str,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,39 +10,11 @@ import rbd
 import zstandard
 
 from rbd_restore import devcluster
-from rbd_restore.ceph import remove_image
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.repository import snapshot_name
-from tests.support.helpers import Cli, du_used, export_digest, scatter_random_data
+from tests.support.helpers import Cli, du_used, export_digest, new_image, scatter_random_data
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def cli(cluster: devcluster.ClusterInfo, unique_name: str) -> Cli:
-    return Cli(cluster, prefix=f"{unique_name}/", extra_env={})
-
-
-@pytest.fixture
-def ioctx(rados_cluster: Any) -> Iterator[Any]:
-    with rados_cluster.open_ioctx("volumes") as handle:
-        yield handle
-
-
-@pytest.fixture
-def images(ioctx: Any) -> Iterator[list[str]]:
-    """Names registered here are removed (with their snapshots) after the test."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        remove_image(ioctx, name)
-
-
-def new_image(ioctx: Any, images: list[str], size: int) -> str:
-    name = f"img-{uuid.uuid4().hex[:10]}"
-    rbd.RBD().create(ioctx, name, size, old_format=False)
-    images.append(name)
-    return name
 
 
 @pytest.mark.parametrize("chunk_size", ["4M", "64K"])

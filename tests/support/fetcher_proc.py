@@ -1,7 +1,14 @@
-"""A fetcher daemon run as a real process for tests, stopped by its own pid."""
+"""A fetcher daemon run as a real process for tests, stopped by its own pid.
+
+With ``socket_activation`` the harness plays systemd's part: it binds the
+three listening sockets itself and hands them to each fetcher process it
+starts (``LISTEN_FDS``), so a fetcher killed and started again serves the
+same sockets, which stay open in between.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -39,15 +46,43 @@ class FetcherProcess:
     log_level: str = "debug"
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    socket_activation: bool = False
+    held: list[socket.socket] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Ports of its own, so replicas and parallel tests never collide.
         self.own_ports = [key for key in LISTENERS if key not in self.env_overrides]
-        self._pick_ports()
+        if self.socket_activation:
+            self._hold_sockets()
+        else:
+            self._pick_ports()
 
     def _pick_ports(self) -> None:
         for key in self.own_ports:
             self.env_overrides[key] = f"127.0.0.1:{free_port()}"
+
+    def _hold_sockets(self) -> None:
+        for key in LISTENERS:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(128)
+            # Far from fds 3-5, which the child's shell moves them to.
+            high = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 50)
+            self.env_overrides[key] = f"127.0.0.1:{sock.getsockname()[1]}"
+            sock.close()
+            self.held.append(socket.socket(fileno=high))
+
+    def _command(self) -> list[str]:
+        serve = [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve",
+                 "--cache-dir", str(self.cache_dir), "--log-level", self.log_level, *self.args]
+        if not self.held:
+            return serve
+        fds = [str(s.fileno()) for s in self.held]
+        # Move the sockets to fds 3, 4, 5 and name this process, as systemd does.
+        script = ('exec 3<&"$1" 4<&"$2" 5<&"$3"; exec {a}<&- {b}<&- {c}<&-; shift 3; '
+                  'LISTEN_PID=$$ LISTEN_FDS=3 LISTEN_FDNAMES=data:control:metrics exec "$@"')
+        script = script.replace("{a}", fds[0]).replace("{b}", fds[1]).replace("{c}", fds[2])
+        return ["/bin/bash", "-c", script, "activate", *fds, *serve]
 
     @property
     def env(self) -> dict[str, str]:
@@ -70,10 +105,8 @@ class FetcherProcess:
             self.log_path = self.cache_dir.parent / f"fetcher-{time.monotonic_ns()}.log"
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve",
-                     "--cache-dir", str(self.cache_dir), "--log-level", self.log_level,
-                     *self.args],
-                    env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                    self._command(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                    pass_fds=[s.fileno() for s in self.held])
             deadline = time.monotonic() + timeout
             while b"fetcher ready" not in self.log_path.read_bytes():
                 if self.proc.poll() is not None:
@@ -86,7 +119,7 @@ class FetcherProcess:
             output = self.log_path.read_text()
             # A port found free can be taken before the fetcher binds it (an outgoing
             # connection's ephemeral port): start again on other ports of our own.
-            if "address already in use" not in output or not self.own_ports:
+            if "address already in use" not in output or not self.own_ports or self.held:
                 raise RuntimeError(f"fetcher exited: {output[-2000:]}")
             self._pick_ports()
         raise RuntimeError(f"fetcher kept finding its ports taken: {output[-500:]}")
@@ -100,6 +133,17 @@ class FetcherProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the fetcher process (its pid only); held sockets stay open."""
+        self.stop(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop the fetcher and close the sockets the harness holds for it."""
+        self.stop()
+        for sock in self.held:
+            sock.close()
+        self.held.clear()
 
     def logs(self) -> str:
         return self.log_path.read_text() if self.log_path else ""

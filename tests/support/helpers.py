@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,13 @@ class Cli:
         return {**os.environ, "RBD_RESTORE_CONFIG": str(self.cluster.config),
                 "RBD_RESTORE_S3_PREFIX": self.prefix, **self.extra_env, **(extra or {})}
 
+    @staticmethod
+    def command(*args: str) -> list[str]:
+        return [sys.executable, "-m", "rbd_restore.cli", *args]
+
     def run(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "rbd_restore.cli", *args],
+        return subprocess.run(self.command(*args),
                               capture_output=True, text=True, env=self.env(env),
                               timeout=timeout, check=False)
 
@@ -76,3 +81,13 @@ def scatter_random_data(image: Any, rng: random.Random, writes: int,
         offset = rng.randrange(0, max(1, size - length))
         image.write(rng.randbytes(length), offset)
     image.write(rng.randbytes(min(size, 777)), size - min(size, 777))
+
+
+def new_image(ioctx: Any, images: list[str], size: int) -> str:
+    """A new, empty image of ``size`` bytes, registered for removal after the test."""
+    import rbd
+
+    name = f"img-{uuid.uuid4().hex[:10]}"
+    rbd.RBD().create(ioctx, name, size, old_format=False)
+    images.append(name)
+    return name

@@ -27,12 +27,16 @@ class Vm:
     drive: str
     console: Path
     hold_seconds: int = 0
+    writes: int = 0  # 1 MiB files the guest writes, syncs and reads back (guest init)
+    write_every: int = 1
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         append = "console=ttyS0 quiet panic=-1"
         if self.hold_seconds:
             append += f" rbdrestore.hold={self.hold_seconds}"
+        if self.writes:
+            append += f" rbdrestore.writes={self.writes} rbdrestore.every={self.write_every}"
         self.console.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none",
@@ -71,10 +75,15 @@ class Vm:
             self.proc.kill()
             self.proc.wait(timeout=30)
 
-    def sums(self) -> dict[str, str]:
+    def sums(self, tag: str = "SUM") -> dict[str, str]:
+        """``{file: sha256}`` the guest printed: ``SUM`` for its data set, ``WRITE-SUM``
+        for files it wrote, ``READBACK-SUM`` for the same read back from the disk."""
         found = {}
         for line in self.output().splitlines():
-            if line.startswith("RBD-RESTORE-GUEST-SUM "):
-                _, digest, name = line.split()
-                found[name] = digest
+            if line.startswith(f"RBD-RESTORE-GUEST-{tag} "):
+                fields = line.split()
+                if len(fields) == 3:
+                    found[fields[2]] = fields[1]
+                else:  # sha256sum printed nothing: the guest could not read the file
+                    found[f"unreadable-{len(found)}"] = line
         return found

@@ -34,11 +34,28 @@ def test_unsatisfiable(header: str) -> None:
         parse_range(header, SIZE)
 
 
+def test_huge_numbers_are_positions_past_any_end() -> None:
+    digits = "9" * 5000  # int() refuses over 4,300 digits
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(f"bytes={digits}-", SIZE)
+    assert parse_range(f"bytes=10-{digits}", SIZE) == ByteRange(10, SIZE)
+    assert parse_range(f"bytes=-{digits}", SIZE) == ByteRange(0, SIZE)
+    assert parse_range(f"bytes={'0' * 5000}5-9", SIZE) == ByteRange(5, 10)
+
+
+@pytest.mark.parametrize("header", ["bytes=\u0661-\u0662", "bytes=\uff11-\uff12",
+                                    "bytes=1\u0660-20", "bytes=-\u0665"])
+def test_only_ascii_digits_are_numbers(header: str) -> None:
+    assert parse_range(header, SIZE) is None  # not a byte range: ignored, as the RFC says
+
+
 def test_content_range_is_inclusive() -> None:
     assert ByteRange(0, 100).content_range(SIZE) == "bytes 0-99/1000"
 
 
-@given(st.text(max_size=40), st.integers(min_value=0, max_value=10_000))
+@given(st.one_of(st.text(max_size=40),
+                 st.from_regex(r"\Abytes=[0-9]{0,30}-[0-9]{0,30}\Z")),
+       st.integers(min_value=0, max_value=10_000))
 def test_parse_range_never_leaves_the_file(header: str, size: int) -> None:
     try:
         parsed = parse_range(header, size)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rbd_restore.fetcher.cache import ChunkCache
-from rbd_restore.fetcher.metrics import FetcherMetrics
+from rbd_restore.cache.chunk_cache import ChunkCache
+from rbd_restore.cache.metrics import FetcherMetrics
 from rbd_restore.prefetch.scheduler import PrefetchClass, PrefetchScheduler
 
 FETCH_SECONDS = 0.25
@@ -202,7 +202,7 @@ def test_relocation_chunks_staged_in_memory_leave_it_when_room_is_needed(
             await cache.stage(*fourth, "relocation", pool, in_memory=True)
             assert (tmp_path / fourth[0]).exists() and fourth[0] not in cache.hot
             # ...and one staged too long ago and never read makes room for a fifth.
-            monkeypatch.setattr("rbd_restore.fetcher.cache.HOT_SECONDS", 0.0)
+            monkeypatch.setattr("rbd_restore.cache.chunk_cache.HOT_SECONDS", 0.0)
             await cache.stage(*fifth, "relocation", pool, in_memory=True)
             assert fifth[0] in cache.hot and second[0] not in cache
 

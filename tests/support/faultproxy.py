@@ -1,0 +1,275 @@
+"""An HTTP proxy between S3 clients and RGW that injects faults, for tests and `make faults`.
+
+It understands just enough HTTP/1.1 to find request and reply boundaries
+(Content-Length, chunked replies, HEAD, ``Expect: 100-continue``), so each
+request/reply exchange can be given one fault, drawn at a set rate:
+
+- ``slowdown``: answered here with ``503 SlowDown`` (RGW never sees it);
+- ``error``: answered here with ``500 InternalError``;
+- ``reset``: the reply's head and part of its body, then a TCP reset;
+- ``stall``: the reply's head and part of its body, then silence for
+  ``stall_seconds`` (longer than the client's read timeout), then a close;
+- ``truncate``: the reply's head, part of its body, then a clean close;
+- ``corrupt_reply``: one byte of the reply body flipped;
+- ``corrupt_request``: one byte of the request body flipped on its way to RGW.
+
+``outage()`` refuses every request until ``restore()``. Counters say what was
+injected. Runs its own event loop on a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import struct
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+FAULTS = ("slowdown", "error", "reset", "stall", "truncate", "corrupt_reply",
+          "corrupt_request")
+_SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+             b"Content-Length: 113\r\n\r\n<?xml version=\"1.0\" encoding=\"UTF-8\"?>"
+             b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>\n")
+_ERROR = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\n"
+          b"Content-Length: 110\r\n\r\n<?xml version=\"1.0\" encoding=\"UTF-8\"?>"
+          b"<Error><Code>InternalError</Code><Message>Injected</Message></Error>\n   ")
+
+
+@dataclass
+class FaultPlan:
+    """Which faults, how often (per exchange), and how they behave."""
+
+    rate: float = 0.0
+    faults: tuple[str, ...] = FAULTS
+    stall_seconds: float = 4.0
+    seed: int = 1
+    # Only exchanges whose request line contains one of these (e.g. "/chunks/").
+    only: tuple[str, ...] = ()
+
+
+@dataclass
+class _Message:
+    head: bytes
+    body: bytes
+    chunked_raw: bytes = b""  # a chunked body, relayed as it came
+
+    @property
+    def raw(self) -> bytes:
+        return self.head + (self.chunked_raw or self.body)
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+async def _read_body(reader: asyncio.StreamReader, head: bytes, no_body: bool) -> _Message:
+    if no_body:
+        return _Message(head, b"")
+    if (_header(head, b"transfer-encoding") or b"").lower() == b"chunked":
+        raw = bytearray()
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            raw += size_line
+            size = int(size_line.split(b";")[0], 16)
+            chunk = await reader.readexactly(size + 2)
+            raw += chunk
+            if size == 0:
+                return _Message(head, b"", bytes(raw))
+    length = int(_header(head, b"content-length") or b"0")
+    return _Message(head, await reader.readexactly(length) if length else b"")
+
+
+class FaultProxy:
+    def __init__(self, upstream_host: str, upstream_port: int, plan: FaultPlan | None = None
+                 ) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.plan = plan or FaultPlan()
+        self.rng = random.Random(self.plan.seed)
+        self.injected: Counter[str] = Counter()
+        self.exchanges = 0
+        self.down = False
+        self.down_after: int | None = None  # exchanges after which outage() begins
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def total_injected(self) -> int:
+        return sum(self.injected.values())
+
+    def outage(self) -> None:
+        """Every request from now on is refused (connection reset), until restore()."""
+        self.down = True
+
+    def restore(self) -> None:
+        self.down = False
+
+    def _draw(self, request_line: bytes, has_body: bool) -> str | None:
+        with self._lock:
+            self.exchanges += 1
+            if self.down_after is not None and self.exchanges > self.down_after:
+                self.down = True
+                return "outage"
+            plan = self.plan
+            if plan.only and not any(p.encode() in request_line for p in plan.only):
+                return None
+            if self.rng.random() >= plan.rate:
+                return None
+            choices = [f for f in plan.faults if f != "corrupt_request" or has_body]
+            if not choices:
+                return None
+            fault = self.rng.choice(choices)
+            self.injected[fault] += 1
+            return fault
+
+    async def _exchange(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter,
+                        up: list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None]
+                        ) -> bool:
+        """One request and its reply; False when the client connection must end."""
+        try:
+            head = await _read_head(client_r)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False
+        if self.down:
+            _reset(client_w)
+            return False
+        expect = (_header(head, b"expect") or b"").lower() == b"100-continue"
+        if expect:  # answer it here, and send RGW the whole request at once
+            client_w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            head = b"\r\n".join(line for line in head.split(b"\r\n")
+                                if not line.lower().startswith(b"expect:"))
+        request = await _read_body(client_r, head, no_body=False)
+        request_line = head.split(b"\r\n", 1)[0]
+        fault = self._draw(request_line, bool(request.body))
+        if fault == "outage":
+            _reset(client_w)
+            return False
+        if fault in ("slowdown", "error"):
+            client_w.write(_SLOWDOWN if fault == "slowdown" else _ERROR)
+            await client_w.drain()
+            return True
+        body = request.body
+        if fault == "corrupt_request":
+            body = _flip(body, self.rng)
+        connection = up[0]
+        if connection is None:
+            connection = up[0] = await asyncio.open_connection(*self.upstream)
+        up_r, up_w = connection
+        up_w.write(request.head + (request.chunked_raw or body))
+        await up_w.drain()
+        reply_head = await _read_head(up_r)
+        no_body = request_line.startswith(b"HEAD ") or reply_head.split(b" ")[1] in (
+            b"204", b"304")
+        reply = await _read_body(up_r, reply_head, no_body)
+        if fault == "corrupt_reply" and reply.body:
+            client_w.write(reply.head + _flip(reply.body, self.rng))
+        elif fault in ("reset", "stall", "truncate") and len(reply.body) > 1:
+            cut = self.rng.randrange(1, len(reply.body))
+            client_w.write(reply.head + reply.body[:cut])
+            await client_w.drain()
+            if fault == "stall":
+                await asyncio.sleep(self.plan.stall_seconds)
+            if fault == "reset":
+                _reset(client_w)
+            else:
+                client_w.close()
+            return False
+        else:
+            client_w.write(reply.raw)
+        await client_w.drain()
+        return (_header(reply_head, b"connection") or b"").lower() != b"close"
+
+    async def _handle(self, client_r: asyncio.StreamReader,
+                      client_w: asyncio.StreamWriter) -> None:
+        up: list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = [None]
+        try:
+            while await self._exchange(client_r, client_w, up):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                client_w.close()
+            if up[0] is not None:
+                with contextlib.suppress(Exception):
+                    up[0][1].close()
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        async def main() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+            async with self._server:
+                await self._server.serve_forever()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            with contextlib.suppress(asyncio.CancelledError):
+                self._loop.run_until_complete(main())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="fault-proxy", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fault proxy did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+            for task in asyncio.all_tasks(self._loop):
+                self._loop.call_soon_threadsafe(task.cancel)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[FaultProxy]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+def _flip(data: bytes, rng: random.Random) -> bytes:
+    if not data:
+        return data
+    at = rng.randrange(len(data))
+    return data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1:]
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST, as a peer that crashed or a middlebox that gave up would."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+def through(proxy: FaultProxy, read_timeout: int = 2, max_attempts: int = 8
+            ) -> dict[str, str]:
+    """Environment for the tools to reach S3 through ``proxy``, with a read timeout
+    shorter than its stalls."""
+    return {"RBD_RESTORE_S3_ENDPOINT": proxy.endpoint,
+            "RBD_RESTORE_S3_READ_TIMEOUT": str(read_timeout),
+            "RBD_RESTORE_S3_MAX_ATTEMPTS": str(max_attempts)}
