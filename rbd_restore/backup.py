@@ -9,6 +9,7 @@ workers, so memory stays at about ``2 * workers`` chunks whatever the image size
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import threading
@@ -18,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rbd_restore.ceph import Cluster, ImageRef, open_image
-from rbd_restore.errors import UserError
+from rbd_restore.errors import UsageError, UserError
 from rbd_restore.parallel import run_bounded
 from rbd_restore.repo import chunks as chunk_codec
 from rbd_restore.repo.layout import BACKUP_ID
 from rbd_restore.repo.locks import S3Clock, backup_lock, backup_running
-from rbd_restore.repo.manifest import Manifest, Source, Stats, chunk_count
+from rbd_restore.repo.manifest import Manifest, Source, Stats, check_labels, chunk_count
 from rbd_restore.repo.repository import (
     Repository,
     backup_id_of_snapshot,
@@ -198,9 +199,14 @@ def _remove_older_snapshots(repo: Repository, image: Any, keep: str, source: Sou
 
 
 def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: int,
-               full: bool = False, workers: int = 8, progress: Progress | None = None) -> \
-        BackupResult:
+               full: bool = False, workers: int = 8, progress: Progress | None = None,
+               labels: dict[str, str] | None = None) -> BackupResult:
+    """Back up ``ref``; ``labels`` are stored in the manifest (docs/format.md)."""
     chunk_codec.validate_chunk_size(chunk_size)
+    try:
+        check_labels(labels or {})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     started = time.monotonic()
     repo.store.check_bucket()
     backup_id = new_backup_id()
@@ -220,6 +226,7 @@ def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: in
                     manifest, chunks_read = _store_snapshot(
                         repo, frozen, backup_id, parent, chunk_size, workers, progress,
                         source, started)
+                manifest = dataclasses.replace(manifest, labels=dict(labels or {}))
                 repo.save_manifest(manifest)
             except BaseException:
                 image.remove_snap(snap)

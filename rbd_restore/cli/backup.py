@@ -9,7 +9,7 @@ import typer
 
 from rbd_restore.ceph import ImageRef
 from rbd_restore.cli.context import load_config, open_cluster, open_repository, progress_bar
-from rbd_restore.errors import IntegrityError, UsageError
+from rbd_restore.errors import AlreadyExistsError, IntegrityError, UsageError, UserError
 from rbd_restore.output import print_json
 from rbd_restore.repo.chunks import DEFAULT_CHUNK_SIZE
 from rbd_restore.repo.maintenance import DEFAULT_GC_GRACE, collect_garbage, verify_backup
@@ -39,6 +39,8 @@ def backup(
     chunk_size: Annotated[str, typer.Option("--chunk-size", help="Power of two, 64K to 32M.")]
     = f"{DEFAULT_CHUNK_SIZE >> 20}M",
     workers: WorkersOption = 16,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", help="NAME=VALUE stored with the backup (repeatable).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Snapshot POOL/IMAGE and store it in the bucket (incremental when possible)."""
@@ -47,10 +49,11 @@ def backup(
     cfg = load_config(ctx)
     ref = ImageRef.parse(image, cfg.pools.backup_default)
     size = parse_size(chunk_size, "--chunk-size")
+    labels = parse_labels(label or [])
     repo = open_repository(cfg, workers)
     with open_cluster(cfg) as cluster, progress_bar(f"backup {ref}", not as_json) as progress:
         result = run_backup(cluster, repo, ref, size, full=full, workers=workers,
-                            progress=progress)
+                            progress=progress, labels=labels)
     if as_json:
         print_json(result.as_json())
         return
@@ -138,6 +141,16 @@ def gc(
                f"chunks are younger than the grace period")
 
 
+def parse_labels(items: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--label {item!r:.60} is not NAME=VALUE")
+        labels[name] = value
+    return labels
+
+
 def _summary(manifest: Manifest) -> dict[str, object]:
     return {"backup_id": manifest.backup_id, "created": manifest.created,
             "image": manifest.source.spec, "image_id": manifest.source.image_id,
@@ -147,7 +160,7 @@ def _summary(manifest: Manifest) -> dict[str, object]:
             "chunks": manifest.chunk_count,
             "chunks_allocated": sum(1 for _ in manifest.allocated()),
             "snapshot": manifest.source.snapshot,
-            "stats": manifest.stats.__dict__}
+            "stats": manifest.stats.__dict__, "labels": manifest.labels}
 
 
 @backups_app.command("list")
@@ -218,6 +231,7 @@ def backups_delete(
     force: Annotated[bool, typer.Option(
         "--force", help="Delete even while a restore reads the backup: that restore then "
         "fails (I/O errors in its VM) once gc frees the chunks.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Delete a backup's manifest; `gc` then frees the chunks only it used.
 
@@ -229,5 +243,34 @@ def backups_delete(
     result = delete_backup(open_repository(load_config(ctx)), backup_id, force)
     for holder in result.forced_past:
         typer.echo(f"warning: deleted although {holder} reads it", err=True)
+    if as_json:
+        print_json({"backup_id": backup_id, "deleted": True, "forced_past": result.forced_past})
+        return
     typer.echo(f"deleted backup {backup_id} of {result.manifest.source.spec}; run "
                "`rbd-restore gc` to free its chunks")
+
+
+@backups_app.command("export")
+def backups_export(
+    ctx: typer.Context,
+    backup_id: str,
+    destination: Annotated[str, typer.Argument(help="A file, or - for standard output.")],
+    workers: WorkersOption = 8,
+) -> None:
+    """Write a backup's raw image to a file (zero chunks as holes) or to stdout."""
+    import sys
+
+    from rbd_restore.export import export_backup
+
+    repo = open_repository(load_config(ctx), workers)
+    if destination == "-":
+        export_backup(repo, backup_id, sys.stdout.buffer, workers)
+        return
+    try:
+        with open(destination, "xb") as out:
+            size = export_backup(repo, backup_id, out, workers)
+    except FileExistsError:
+        raise AlreadyExistsError(f"{destination} exists; export never overwrites") from None
+    except OSError as exc:
+        raise UserError(f"cannot write {destination}: {exc.strerror}") from None
+    typer.echo(f"exported backup {backup_id} to {destination} ({format_size(size)})")

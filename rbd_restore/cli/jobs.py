@@ -130,7 +130,7 @@ def status(
         typer.echo(_status_row(record, migration))
 
 
-def abort(ctx: typer.Context, job: str) -> None:
+def abort(ctx: typer.Context, job: str, as_json: JsonOption = False) -> None:
     """Abort an instant restore: deletes the image and every write made to it.
 
     Refused while anything (a VM, a job runner) has the image open.
@@ -156,6 +156,9 @@ def abort(ctx: typer.Context, job: str) -> None:
         except UserError as exc:
             typer.echo(f"warning: session {record.session_id} not closed: {exc.message}",
                        err=True)
+    if as_json:
+        print_json({"job_id": job, "image": record.spec, "state": "aborted"})
+        return
     typer.echo(f"aborted job {job}: image {record.spec} removed")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from rbd_restore.repo.chunks import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from rbd_restore.repo.layout import BACKUP_ID, CHUNK_ID
 
 FORMAT_VERSION = 1
+LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9_.:/-]{0,127}$")
+LABELS_MAX_BYTES = 256 << 10
 
 # One entry per chunk of the image: a chunk id, or None for an all-zero chunk.
 ChunkList = list[str | None]
@@ -60,6 +63,7 @@ class Manifest:
     chunks: ChunkList
     parent: str | None = None
     stats: Stats = field(default_factory=Stats)
+    labels: dict[str, str] = field(default_factory=dict)  # e.g. openstack.volume_id
 
     @property
     def created_at(self) -> dt.datetime:
@@ -139,6 +143,8 @@ def to_json(manifest: Manifest) -> bytes:
         "chunks": encode_chunk_list(manifest.chunks),
         "stats": asdict(manifest.stats),
     }
+    if manifest.labels:  # absent when empty: manifests written before labels read alike
+        body["labels"] = dict(manifest.labels)
     body["checksum"] = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
     return json.dumps(body, indent=1).encode() + b"\n"
 
@@ -191,6 +197,26 @@ def from_json(data: bytes, expected_id: str | None = None) -> Manifest:
     parent = body.get("parent")
     if parent is not None and (not isinstance(parent, str) or not BACKUP_ID.match(parent)):
         raise IntegrityError(f"{what} has an invalid parent")
+    labels = body.get("labels", {})
+    try:
+        check_labels(labels)
+    except ValueError as exc:
+        raise IntegrityError(f"{what}: {exc}") from None
     return Manifest(backup_id=backup_id, created=_field(body, "created", str), source=source,
                     image_size=image_size, chunk_size=chunk_size, chunks=chunks, parent=parent,
-                    stats=stats)
+                    stats=stats, labels=labels)
+
+
+def check_labels(labels: Any) -> dict[str, str]:
+    """Labels as stored: an object of string values under keys matching LABEL_KEY,
+    at most 256 KiB of JSON; ``ValueError`` otherwise."""
+    if not isinstance(labels, dict):
+        raise ValueError("labels is not an object")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not LABEL_KEY.match(key):
+            raise ValueError(f"label name {key!r:.60} is not of the form a-z0-9_.:/-")
+        if not isinstance(value, str):
+            raise ValueError(f"label {key} is not a string")
+    if len(json.dumps(labels)) > LABELS_MAX_BYTES:
+        raise ValueError("labels exceed 256 KiB")
+    return labels

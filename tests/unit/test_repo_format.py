@@ -168,3 +168,28 @@ def test_session_keys_follow_the_prefix() -> None:
     keys = KeyLayout("site-a")
     assert keys.session_open("0123456789abcdef") == "site-a/sessions/open/0123456789abcdef.json"
     assert keys.session_closed("0123456789abcdef").startswith(keys.sessions_closed_prefix)
+
+
+def test_labels_round_trip_and_are_covered_by_the_checksum() -> None:
+    labeled = dataclasses.replace(sample([CID]), labels={
+        "openstack.volume_id": "0b6cbbf4-2a8b-4d4e-9d3c-6c1d7cf0b1a2",
+        "openstack.volume_meta": json.dumps({"volume-glance-metadata": {"hw_machine_type":
+                                                                        "q35"}})})
+    data = manifest.to_json(labeled)
+    assert manifest.from_json(data) == labeled
+    body = json.loads(data)
+    body["labels"]["openstack.volume_id"] = "someone-else"
+    with pytest.raises(IntegrityError, match="checksum"):
+        manifest.from_json(json.dumps(body).encode())
+
+
+def test_a_manifest_without_labels_has_no_labels_field() -> None:
+    """So manifests written before labels existed read and check alike."""
+    assert "labels" not in json.loads(manifest.to_json(sample([CID])))
+
+
+@pytest.mark.parametrize("labels", [{"Upper": "x"}, {"a b": "x"}, {"ok": 1}, ["x"],
+                                    {"big": "x" * (257 << 10)}])
+def test_labels_that_break_the_rules_are_refused(labels: object) -> None:
+    with pytest.raises(ValueError):
+        manifest.check_labels(labels)
