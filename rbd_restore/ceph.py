@@ -47,7 +47,7 @@ class Cluster:
             conf["keyring"] = settings.keyring
         try:
             self.rados = rados.Rados(conffile=settings.conf, rados_id=settings.rados_id,
-                                     conf=conf)
+                                     clustername=settings.cluster_name or "ceph", conf=conf)
             self.rados.connect(timeout=timeout)
         except rados.ObjectNotFound:
             raise UnavailableError(f"cannot read Ceph config {settings.conf}") from None

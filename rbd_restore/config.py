@@ -29,6 +29,7 @@ class CephSettings:
     conf: str = "/etc/ceph/ceph.conf"
     keyring: str = ""
     client_name: str = "client.admin"
+    cluster_name: str = "ceph"  # librados clustername: names default keyring paths
 
     @property
     def rados_id(self) -> str:

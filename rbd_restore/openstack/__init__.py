@@ -1,0 +1,1 @@
+"""OpenStack integration: Cinder configuration, API and backups (rbd-restore cinder)."""
