@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from typing import Any
 
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
+from tests.support.helpers import PYTHON
 
 LISTENERS = ("RBD_RESTORE_FETCHER_LISTEN", "RBD_RESTORE_FETCHER_CONTROL_LISTEN",
              "RBD_RESTORE_FETCHER_METRICS_LISTEN")
@@ -73,7 +73,7 @@ class FetcherProcess:
             self.held.append(socket.socket(fileno=high))
 
     def _command(self) -> list[str]:
-        serve = [sys.executable, "-m", "rbd_restore.cli", "fetcher", "serve",
+        serve = [PYTHON, "-m", "rbd_restore.cli", "fetcher", "serve",
                  "--cache-dir", str(self.cache_dir), "--log-level", self.log_level, *self.args]
         if not self.held:
             return serve

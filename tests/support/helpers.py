@@ -14,6 +14,10 @@ from typing import Any
 
 from rbd_restore import devcluster
 
+# The interpreter that runs rbd-restore: this one, or the project's when the tests run
+# in another environment (the Cinder tests, in Cinder's own virtualenv).
+PYTHON = os.environ.get("RBD_RESTORE_PYTHON", sys.executable)
+
 
 @dataclass
 class Cli:
@@ -29,7 +33,7 @@ class Cli:
 
     @staticmethod
     def command(*args: str) -> list[str]:
-        return [sys.executable, "-m", "rbd_restore.cli", *args]
+        return [PYTHON, "-m", "rbd_restore.cli", *args]
 
     def run(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
