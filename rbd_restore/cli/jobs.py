@@ -9,14 +9,13 @@ from typing import Annotated
 
 import typer
 
-from rbd_restore import lazy_clone
-from rbd_restore.ceph import Cluster, ImageRef, image_exists
+from rbd_restore.ceph import ImageRef
 from rbd_restore.cli.context import load_config, open_cluster, progress_bar
 from rbd_restore.config import Config
-from rbd_restore.errors import NotFoundError, UnavailableError, UserError
+from rbd_restore.errors import UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs import instant
-from rbd_restore.jobs.lease import lease, runner_cookie
+from rbd_restore.jobs.abort import abort_job, reconcile
 from rbd_restore.jobs.runner import MAX_ATTEMPTS, PARALLEL_JOBS, JobRunner
 from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
 from rbd_restore.logs import use_json_logs
@@ -71,28 +70,6 @@ def restore_instant(cfg: Config, backup_id: str, ref: ImageRef, wait: bool, as_j
         typer.echo(f"committed: {ref} is an ordinary RBD image ({committed:.1f} s)")
 
 
-def _reconciled(cluster: Cluster, record: JobRecord) -> tuple[JobRecord, str]:
-    """The header's migration state wins over a record that a dead runner left behind;
-    also returns that state (``""`` when there is none to show)."""
-    if record.state not in ACTIVE:
-        return record, ""
-    try:
-        with cluster.ioctx(record.pool) as ioctx:
-            migration = lazy_clone.state(ioctx, record.image)
-    except NotFoundError:
-        if record.state == "preparing":  # not made yet, or never: a runner settles it
-            return record, ""
-        return record.with_(state="aborted", error="the image no longer exists"), ""
-    except UnavailableError as exc:  # say so, and still show every other job
-        error = f"{record.error}; now: {exc.message}" if record.error else exc.message
-        return record.with_(error=error), ""
-    if migration is None:
-        return record.with_(state="committed", progress=1.0), ""
-    if migration.state == "executed":
-        return record.with_(progress=1.0), "executed"
-    return record, migration.state
-
-
 def _status_row(record: JobRecord, migration: str) -> str:
     r = record
     eta = f", {r.eta_seconds:.0f} s left" if r.eta_seconds is not None else ""
@@ -119,7 +96,7 @@ def status(
         else:
             scan = store.scan()
             records, problems = scan.records, scan.problems
-        rows = [_reconciled(cluster, r) for r in records]
+        rows = [reconcile(cluster, r) for r in records]
     for problem in problems:
         typer.echo(f"warning: {problem}", err=True)
     if as_json:
@@ -131,41 +108,23 @@ def status(
 
 
 def abort(ctx: typer.Context, job: str, as_json: JsonOption = False) -> None:
-    """Abort an instant restore: deletes the image and every write made to it.
+    """Abort an instant restore: deletes the image and every write made to it (an image
+    the restore replaced is put back).
 
     Refused while anything (a VM, a job runner) has the image open.
     """
     cfg = load_config(ctx)
     with open_cluster(cfg) as cluster:
-        store = JobStore(cluster)
-        record, _ = _reconciled(cluster, store.get(job))
-        if record.state not in ACTIVE:
-            raise UserError(f"job {job} is {record.state}; only restores that are not "
-                            "committed yet can be aborted")
-        with cluster.ioctx(record.pool) as ioctx:
-            if record.state == "preparing":
-                _ensure_not_being_prepared(ioctx, record)
-            if image_exists(ioctx, record.image):
-                lazy_clone.abort(ioctx, record.image)
-        store.save(record.with_(state="aborted", error="aborted by the operator"))
-    if record.session_id:
-        try:
-            ControlClient(cfg.fetcher).close(record.session_id)
-        except NotFoundError:
-            pass  # closed already
-        except UserError as exc:
-            typer.echo(f"warning: session {record.session_id} not closed: {exc.message}",
-                       err=True)
+        outcome = abort_job(cluster, ControlClient(cfg.fetcher), job)
+    record = outcome.record
+    if outcome.session_warning:
+        typer.echo(f"warning: {outcome.session_warning}", err=True)
     if as_json:
-        print_json({"job_id": job, "image": record.spec, "state": "aborted"})
+        print_json({"job_id": job, "image": record.spec, "state": "aborted",
+                    "put_back": outcome.put_back or None})
         return
-    typer.echo(f"aborted job {job}: image {record.spec} removed")
-
-
-def _ensure_not_being_prepared(ioctx: object, record: JobRecord) -> None:
-    """A preparing job whose restore command still runs holds its lease."""
-    with lease(ioctx, record.id, runner_cookie(), "rbd-restore abort"):
-        pass
+    put_back = f"; {outcome.put_back} is {record.image} again" if outcome.put_back else ""
+    typer.echo(f"aborted job {job}: image {record.spec} removed{put_back}")
 
 
 @jobs_app.command("run")

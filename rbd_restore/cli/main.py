@@ -11,6 +11,7 @@ import typer
 from rbd_restore import __version__
 from rbd_restore.cli import backup as cli_backup
 from rbd_restore.cli import jobs as cli_jobs
+from rbd_restore.cli.cinder import cinder_app
 from rbd_restore.cli.dev import dev_app
 from rbd_restore.cli.fetcher import fetcher_app
 from rbd_restore.cli.profile import profile_app
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(cinder_app, name="cinder")
 app.add_typer(dev_app, name="dev")
 app.add_typer(fetcher_app, name="fetcher")
 app.add_typer(profile_app, name="profile")

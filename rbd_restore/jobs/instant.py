@@ -23,9 +23,11 @@ from rbd_restore.jobs.store import JobRecord, JobStore, new_job_id, now_iso
 
 def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRef,
           rate_limit_bytes_per_s: int = 0, history: int = 0,
-          relocate_after_seconds: float = 0.0) -> JobRecord:
+          relocate_after_seconds: float = 0.0, replaces: str = "") -> JobRecord:
     """Prepare ``ref`` so a VM can boot on it; the relocation is left to a job runner,
-    which starts it no sooner than ``relocate_after_seconds`` from now."""
+    which starts it no sooner than ``relocate_after_seconds`` from now. ``replaces``:
+    an image the caller moved aside for this one, removed by the runner at the commit
+    (and put back by an abort)."""
     started = time.monotonic()
     store = JobStore(cluster)
     with cluster.ioctx(ref.pool) as ioctx:
@@ -33,7 +35,7 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
             raise AlreadyExistsError(f"image {ref} already exists; restore never overwrites")
         record = JobRecord(id=new_job_id(), backup_id=backup_id, pool=ref.pool,
                            image=ref.name, session_id="", state="preparing",
-                           created=now_iso(), updated=now_iso(),
+                           replaces=replaces, created=now_iso(), updated=now_iso(),
                            relocate_after=now_iso(relocate_after_seconds)
                            if relocate_after_seconds > 0 else "")
         with lease(ioctx, record.id, runner_cookie(), "rbd-restore restore"):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rbd_restore import lazy_clone
-from rbd_restore.ceph import Cluster
+from rbd_restore.ceph import Cluster, remove_image
 from rbd_restore.errors import NotFoundError, UnavailableError, UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs import isolated
@@ -87,7 +87,13 @@ class JobRunner:
 
     def _finish(self, record: JobRecord) -> JobRecord:
         """Save a job's last state. Its session closes only when nothing can read through
-        it any more: a failed job's image is still staged, and a VM may run on it."""
+        it any more: a failed job's image is still staged, and a VM may run on it. At the
+        commit, the image this restore replaced goes."""
+        if record.state == "committed" and record.replaces:
+            with self.cluster.ioctx(record.pool) as ioctx:
+                remove_image(ioctx, record.replaces)
+            log.info("job %s: removed the image it replaced, %s", record.id, record.replaces)
+            record = record.with_(replaces="")
         self.store.save(record)
         if record.state in ("committed", "aborted"):
             self._close_session(record)

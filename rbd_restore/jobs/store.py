@@ -56,6 +56,7 @@ class JobRecord:
     committed_seconds: float = 0.0
     relocate_after: str = ""  # ISO time before which no runner relocates; "": at once
     attempts: int = 0  # relocation attempts in a row that failed without progress
+    replaces: str = ""  # the image this restore replaced, kept aside until the commit
 
     @property
     def spec(self) -> str:
@@ -120,8 +121,9 @@ class JobRecord:
             raise ValueError(f"record names job {record.id!r:.40}")
         if record.pool != pool:
             raise ValueError(f"record names pool {record.pool!r:.40}, not its own")
-        if not IMAGE_NAME.match(record.image):
-            raise ValueError(f"image {record.image!r:.80} is not an image name")
+        for name in (record.image, record.replaces or "-"):
+            if not IMAGE_NAME.match(name):
+                raise ValueError(f"image {name!r:.80} is not an image name")
         if record.state not in STATES:
             raise ValueError(f"unknown state {record.state!r:.20}")
         if record.session_id and not SESSION_ID.match(record.session_id):

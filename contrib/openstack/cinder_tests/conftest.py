@@ -17,13 +17,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))  # tests.support
+PROJECT_PYTHON = REPO / ".venv" / "bin" / "python"
+# Before tests.support reads it: rbd-restore runs with the project's interpreter.
+os.environ.setdefault("RBD_RESTORE_PYTHON", str(PROJECT_PYTHON))
 
 from rbd_restore import devcluster  # noqa: E402
 from tests.support.fetcher_proc import FetcherProcess  # noqa: E402
 from tests.support.helpers import Cli  # noqa: E402
 
-PROJECT_PYTHON = REPO / ".venv" / "bin" / "python"
-os.environ.setdefault("RBD_RESTORE_PYTHON", str(PROJECT_PYTHON))
 
 
 def pytest_configure(config: pytest.Config) -> None:
