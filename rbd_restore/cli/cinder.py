@@ -213,3 +213,44 @@ def restore(
     typer.echo(f"volume {result['volume_id']} ready in {result['ready_seconds']:.1f} s "
                f"({result['mode']} restore of {backup_id}"
                + (f", job {result['job_id']})" if result.get("job_id") else ")"))
+
+
+@cinder_app.command("import-backup")
+def import_backup(
+    ctx: typer.Context,
+    cinder_backup: Annotated[str, typer.Argument(help="Cinder backup id (S3 driver).")],
+    volume_id: Annotated[str | None, typer.Option(
+        "--volume-id", help="Its volume (default: asked of the Cinder API).")] = None,
+    bucket: Annotated[str | None, typer.Option(
+        "--bucket", help="Its bucket (default: the backup's container, else "
+        "backup_s3_store_bucket).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Turn a backup written by Cinder's S3 driver into an rbd-restore backup (every
+    object's MD5 and every 32 KiB block's SHA-256 checked), restorable instantly."""
+    import dataclasses
+
+    from rbd_restore.openstack.importer import import_backup as run_import
+    from rbd_restore.openstack.importer import summary
+    from rbd_restore.repo.store import ObjectStore
+
+    site = Site(ctx)
+    s3 = site.conf.backup_s3
+    if s3 is None:
+        raise UserError("cinder.conf sets no backup_s3_endpoint_url: only backups of "
+                        "Cinder's S3 driver can be imported")
+    if s3.sse_customer_key:
+        raise UserError("Cinder's backups use SSE-C (backup_s3_sse_customer_key): not "
+                        "supported by import-backup")
+    container = ""
+    if volume_id is None:
+        volume_id, container = site.api.backup_location(cinder_backup)
+    settings = dataclasses.replace(s3.settings(), bucket=bucket or container or s3.bucket)
+    manifest = run_import(open_repository(site.cfg), ObjectStore(settings), cinder_backup,
+                          volume_id)
+    result = summary(manifest)
+    if as_json:
+        print_json(result)
+        return
+    typer.echo(f"Cinder backup {cinder_backup} is rbd-restore backup {result['backup_id']} "
+               f"({result['image_size']} bytes, {result['chunks_new']} new chunks)")

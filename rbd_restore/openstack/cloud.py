@@ -164,6 +164,11 @@ class CinderApi:
         self._call(f"setting volume {volume_id} metadata", self.volumes.set_volume_metadata,
                    volume_id, **metadata)
 
+    def backup_location(self, backup_id: str) -> tuple[str, str]:
+        """A Cinder backup's volume id and bucket (container)."""
+        raw = self._call(f"Cinder backup {backup_id}", self.volumes.get_backup, backup_id)
+        return str(raw.volume_id), str(raw.container or "")
+
     def check_admin(self) -> int:
         """Services Cinder reports (an admin-only call): the API answers and we are admin."""
         services = self._call("listing Cinder services (admin only)",

@@ -13,11 +13,11 @@ registered; the rest of the file is ignored, as oslo.config does.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rbd_restore.config import CephSettings
+from rbd_restore.config import CephSettings, S3Settings
 from rbd_restore.errors import ConfigError, NotFoundError
 
 DEFAULT_FILES = ("/etc/cinder/cinder.conf",)
@@ -60,10 +60,26 @@ class CinderBackend:
 
 
 @dataclass(frozen=True)
+class CinderS3:
+    """Cinder's S3 backup driver's bucket ([DEFAULT] backup_s3_*), for import-backup."""
+
+    endpoint: str
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    bucket: str
+    sse_customer_key: bool
+
+    def settings(self) -> S3Settings:
+        return S3Settings(endpoint=self.endpoint, access_key=self.access_key,
+                          secret_key=self.secret_key, bucket=self.bucket)
+
+
+@dataclass(frozen=True)
 class CinderConf:
     backends: dict[str, CinderBackend]
     volume_name_template: str
     files: tuple[str, ...]
+    backup_s3: CinderS3 | None = None
 
     def backend(self, name: str) -> CinderBackend:
         if name not in self.backends:
@@ -125,6 +141,11 @@ def load(files: list[str] | None = None, dirs: list[str] | None = None) -> Cinde
     conf = cfg.ConfigOpts()
     conf.register_opts([cfg.ListOpt("enabled_backends", default=None),
                         cfg.StrOpt("volume_name_template", default="volume-%s"),
+                        cfg.StrOpt("backup_s3_endpoint_url", default=None),
+                        cfg.StrOpt("backup_s3_store_access_key", default=None, secret=True),
+                        cfg.StrOpt("backup_s3_store_secret_key", default=None, secret=True),
+                        cfg.StrOpt("backup_s3_store_bucket", default="volumebackups"),
+                        cfg.StrOpt("backup_s3_sse_customer_key", default=None, secret=True),
                         *_backend_opts(defaults=True)])
     conf.register_opts(_backend_opts(defaults=True), group="backend_defaults")
     try:
@@ -141,9 +162,16 @@ def load(files: list[str] | None = None, dirs: list[str] | None = None) -> Cinde
         else:
             backends[LEGACY] = _resolve(LEGACY, conf, None)
         template = str(conf.volume_name_template)
+        s3 = None
+        if conf.backup_s3_endpoint_url:
+            s3 = CinderS3(str(conf.backup_s3_endpoint_url),
+                          str(conf.backup_s3_store_access_key or ""),
+                          str(conf.backup_s3_store_secret_key or ""),
+                          str(conf.backup_s3_store_bucket),
+                          bool(conf.backup_s3_sse_customer_key))
     except (cfg.Error, ValueError) as exc:
         raise ConfigError(f"cinder config: {' '.join(str(exc).split())}") from None
-    return CinderConf(backends, template, tuple(files + dirs))
+    return CinderConf(backends, template, tuple(files + dirs), s3)
 
 
 def _resolve(name: str, section: Any, defaults: Any) -> CinderBackend:

@@ -26,7 +26,6 @@ from tests.support.fetcher_proc import FetcherProcess  # noqa: E402
 from tests.support.helpers import Cli  # noqa: E402
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "services: runs the Cinder services and RabbitMQ")
 

@@ -38,7 +38,7 @@ def _wait(what: str, check: Any, timeout: float, procs: list[subprocess.Popen[by
     while not check():
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{what}: a process exited ({proc.args}); logs in {logs}")
+                raise RuntimeError(f"{what}: a process exited ({proc.args!r}); logs in {logs}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}; logs in {logs}")
         time.sleep(0.2)

@@ -112,15 +112,12 @@ def test_a_relocating_volume_is_not_deleted_and_its_backup_is_held(
 
     # The backup it reads cannot be deleted meanwhile: the backup goes to error.
     cinder.openstack("volume", "backup", "delete", backup["id"])
-    status, body = 200, None
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        status, body = cinder.request("GET", f"/backups/{backup['id']}")
-        if body["backup"]["status"] == "error":
-            break
+    while (shown := cinder.request("GET", f"/backups/{backup['id']}")[1]["backup"])[
+            "status"] != "error":
+        assert time.monotonic() < deadline, shown
         time.sleep(0.5)
-    assert body["backup"]["status"] == "error"
-    assert "in use" in body["backup"]["fail_reason"]
+    assert "in use" in shown["fail_reason"]
 
     relocate(cli, f"volume-{volume['id']}")
     assert migration_state(cluster, f"volume-{volume['id']}") == "none"

@@ -50,7 +50,7 @@ def volume_labels(volume: Any) -> dict[str, str]:
     return labels
 
 
-class RBDRestoreBackupDriver(driver.BackupDriver):
+class RBDRestoreBackupDriver(driver.BackupDriver):  # type: ignore[misc]  # cinder: no types
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self.configuration = CONF

@@ -9,9 +9,9 @@ volume is available in seconds, whatever its size; a job runner relocates and
 commits it. Any other backup, and encrypted or multiattach volumes, take
 Cinder's generic path (NotImplementedError). Everything else is RBDDriver's.
 
-While a volume relocates, librbd refuses to remove its image (and to move it
-to the trash); delete answers with Cinder's busy error at once, and the volume
-stays available.
+While a volume relocates, librbd refuses to remove its image and to move it to
+the trash; RBDDriver then answers Cinder's busy error and the volume stays
+available; the log says it is relocating.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def rbd_restore_backup_id(backup: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class RBDRestoreDriver(rbd_driver.RBDDriver):
+class RBDRestoreDriver(rbd_driver.RBDDriver):  # type: ignore[misc]  # cinder: no types
     """RBDDriver with instant restores from rbd-restore backups."""
 
     VERSION = "1.0.0"
@@ -99,13 +99,17 @@ class RBDRestoreDriver(rbd_driver.RBDDriver):
         return update
 
     def delete_volume(self, volume: Any) -> None:
-        state = self._migration_state(volume.name)
-        if state in MIGRATING:
-            LOG.warning("volume %s is still relocating from its rbd-restore backup "
-                        "(migration %s): it can be deleted once committed "
-                        "(rbd-restore cinder status)", volume.id, state)
-            raise exception.VolumeIsBusy(volume_name=volume.name)
-        super().delete_volume(volume)
+        try:
+            super().delete_volume(volume)
+        except exception.VolumeIsBusy:
+            # librbd refuses to remove (or trash) an image that is still migrating;
+            # RBDDriver then reports the volume busy and Cinder keeps it. Say why.
+            state = self._migration_state(volume.name)
+            if state in MIGRATING:
+                LOG.warning("volume %s is still relocating from its rbd-restore backup "
+                            "(migration %s): it can be deleted once committed "
+                            "(rbd-restore cinder status)", volume.id, state)
+            raise
 
     def _migration_state(self, name: str) -> str | None:
         with rbd_driver.RADOSClient(self) as client:
