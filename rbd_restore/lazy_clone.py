@@ -102,6 +102,26 @@ def execute(ioctx: Any, name: str, progress: Progress | None = None,
     rbd.RBD().migration_execute(ioctx, name, on_progress=on_progress)
 
 
+def image_id(ioctx: Any, name: str) -> str:
+    """The image's id (stable across renames), without opening it (nor its source)."""
+    import rbd
+
+    for entry in rbd.RBD().list2(ioctx):
+        if entry["name"] == name:
+            return str(entry["id"])
+    raise NotFoundError(f"image {name} does not exist")
+
+
+def current_name(ioctx: Any, image_id: str) -> str | None:
+    """The name the image with this id has now; None when it is gone."""
+    import rbd
+
+    for entry in rbd.RBD().list2(ioctx):
+        if entry["id"] == image_id:
+            return str(entry["name"])
+    return None
+
+
 def set_concurrency(ioctx: Any, name: str, objects: int) -> None:
     """Objects copied in parallel by ``execute``, in whichever client runs it."""
     import rbd

@@ -63,12 +63,14 @@ def _swap(site: Site, target: ops.Placement, backup_id: str, mode: str,
     keep = keep_old and mode == "instant"  # its job removes the old image at the commit
     with site.cluster(target.backend) as cluster, \
             ops.image_set_aside(cluster, target.image, keep=keep) as aside:
+        job_id = None
         if mode == "full":
             restore_full(cluster, open_repository(site.cfg), backup_id, target.image)
-            return None
-        record = instant.start(cluster, ControlClient(site.cfg.fetcher), backup_id,
-                               target.image, replaces=aside if keep_old else "")
-        return record.id
+        else:
+            job_id = instant.start(cluster, ControlClient(site.cfg.fetcher), backup_id,
+                                   target.image, replaces=aside if keep_old else "").id
+        ops.grow_to(cluster, target.image, target.volume.size_gb)
+        return job_id
 
 
 def _volume_of(site: Site, record: JobRecord) -> str | None:

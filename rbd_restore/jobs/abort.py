@@ -23,6 +23,11 @@ def reconcile(cluster: Cluster, record: JobRecord) -> tuple[JobRecord, str]:
     except NotFoundError:
         if record.state == "preparing":  # not made yet, or never: a runner settles it
             return record, ""
+        if record.image_id:
+            with cluster.ioctx(record.pool) as ioctx:
+                renamed = lazy_clone.current_name(ioctx, record.image_id)
+            if renamed is not None:  # renamed (by Cinder, say): the job follows it
+                return reconcile(cluster, record.with_(image=renamed))
         return record.with_(state="aborted", error="the image no longer exists"), ""
     except UnavailableError as exc:  # say so, and still show every other job
         error = f"{record.error}; now: {exc.message}" if record.error else exc.message

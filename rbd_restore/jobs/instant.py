@@ -59,6 +59,7 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
                             control.close(session_id)
                     store.remove(record)
                 raise  # else (interrupted, or an image exists) a runner finishes it
-            record = record.with_(state="staged", ready_seconds=time.monotonic() - started)
+            record = record.with_(state="staged", ready_seconds=time.monotonic() - started,
+                                  image_id=lazy_clone.image_id(ioctx, ref.name))
             store.save(record)
     return record

@@ -123,9 +123,9 @@ class JobRunner:
             held.check()
             before = record.progress
             try:
-                final = self._step(ioctx, record, held, progress, started)
-                if final is not None:
-                    return final
+                record, done = self._step(ioctx, record, held, progress, started)
+                if done:
+                    return record
                 continue
             except LeaseLost:
                 raise
@@ -153,33 +153,39 @@ class JobRunner:
         return record  # the runner is stopping; the job stays active for the next one
 
     def _step(self, ioctx: Any, record: JobRecord, held: Lease, progress: Progress | None,
-              started: float) -> JobRecord | None:
-        """One move from the image's current migration state; the final record when
-        the job is over, None to look again."""
+              started: float) -> tuple[JobRecord, bool]:
+        """One move from the image's current migration state: the record it leaves, and
+        whether the job is over."""
         try:
             found = self._librbd("state", record)
             migration = None if found is None else lazy_clone.MigrationState(**found)
         except NotFoundError:
+            renamed = lazy_clone.current_name(ioctx, record.image_id) if record.image_id \
+                else None
+            if renamed is not None:  # Cinder renames images (migrate, manage): follow it
+                log.warning("job %s: image %s is now %s", record.id, record.image, renamed)
+                record = record.with_(image=renamed)
+                self.store.save(record)
+                return record, False
             why = ("the restore stopped before its image was created"
                    if record.state == "preparing" else "the image was removed")
-            return self._finish(record.with_(state="aborted", error=why))
+            return self._finish(record.with_(state="aborted", error=why)), True
         if migration is None:  # committed, by us earlier or by hand
             return self._finish(record.with_(state="committed", progress=1.0, error="",
-                                             attempts=0))
+                                             attempts=0)), True
         if migration.state == "preparing":
             # The restore died inside migration_prepare_import: nothing could boot on
             # it yet. abort refuses if anything has it open.
             lazy_clone.abort(ioctx, record.image)
             return self._finish(record.with_(
                 state="aborted", error="the restore stopped while preparing its image; "
-                "the half-made image was removed"))
+                "the half-made image was removed")), True
         if migration.state == "aborting":
             return self._finish(record.with_(
                 state="failed", error="an abort of this image was interrupted: run "
-                f"`rbd-restore abort {record.id}` again"))
+                f"`rbd-restore abort {record.id}` again")), True
         if migration.state in ("prepared", "executing"):
-            record = self._relocate(ioctx, record, held, progress)
-            return None
+            return self._relocate(ioctx, record, held, progress), False
         if migration.state == "executed":
             held.check()
             self._librbd("commit", record)
@@ -187,7 +193,7 @@ class JobRunner:
             return self._finish(record.with_(
                 state="committed", progress=1.0, error="", attempts=0,
                 committed_seconds=record.committed_seconds
-                or record.ready_seconds + time.monotonic() - started))
+                or record.ready_seconds + time.monotonic() - started)), True
         raise UnavailableError(f"image {record.spec} is in migration state "
                                f"{migration.state} ({migration.description or 'no detail'})")
 

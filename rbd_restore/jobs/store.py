@@ -57,6 +57,7 @@ class JobRecord:
     relocate_after: str = ""  # ISO time before which no runner relocates; "": at once
     attempts: int = 0  # relocation attempts in a row that failed without progress
     replaces: str = ""  # the image this restore replaced, kept aside until the commit
+    image_id: str = ""  # the RBD image id: the job follows the image if it is renamed
 
     @property
     def spec(self) -> str:

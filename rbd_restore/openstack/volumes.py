@@ -167,6 +167,16 @@ def image_set_aside(cluster: Cluster, image: ImageRef, keep: bool) -> Iterator[s
             remove_image(ioctx, aside)
 
 
+def grow_to(cluster: Cluster, image: ImageRef, size_gb: int) -> None:
+    """The volume's size for its new image (a backup of a smaller volume); librbd grows
+    a staged image too, its source's end reads as zeros."""
+    import rbd
+
+    with cluster.ioctx(image.pool) as ioctx, rbd.Image(ioctx, image.name) as handle:
+        if handle.size() < size_gb << 30:
+            handle.resize(size_gb << 30)
+
+
 def apply_volume_metadata(api: CinderApi, volume_id: str, manifest: Manifest) -> None:
     labels = manifest.labels
     api.set_bootable(volume_id, labels.get("openstack.bootable") == "true")

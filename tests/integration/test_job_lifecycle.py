@@ -286,3 +286,20 @@ def test_the_runner_in_the_fetcher_survives_what_used_to_stop_it(
     finally:
         combined.stop()
         drop_record(ioctx, garbage)
+
+
+def test_a_job_follows_its_image_when_it_is_renamed(
+        cluster: devcluster.ClusterInfo, ioctx: Any, fetcher: FetcherProcess,
+        source: dict[str, str], images: list[str]) -> None:
+    """Cinder renames images (a generic migration, manage): the job must not take the
+    renamed image for a removed one, close its session and strand it."""
+    target, job_id = stage(fetcher, source, images)
+    renamed = f"{target}-renamed"
+    images.append(renamed)
+    rbd.RBD().rename(ioctx, target, renamed)
+    cli = via(fetcher)
+    assert state(cli, job_id)["image"] == f"volumes/{renamed}"
+    run_once(cli, job_id)
+    final = state(cli, job_id)
+    assert final["state"] == "committed" and final["image"] == f"volumes/{renamed}"
+    assert export_digest(cluster, f"volumes/{renamed}") == source["digest"]

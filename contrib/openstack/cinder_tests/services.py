@@ -178,7 +178,8 @@ backup_driver_stats_polling_interval = 10
 periodic_interval = 3
 
 [database]
-connection = sqlite:///{state / "cinder.sqlite"}
+# Five processes on one sqlite file: wait for its lock rather than fail on it.
+connection = sqlite:///{state / "cinder.sqlite"}?timeout=60
 
 # As root, privsep runs its helper itself (the default, sudo privsep-helper, does not
 # find the helper in this virtualenv).

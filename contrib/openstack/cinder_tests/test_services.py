@@ -30,6 +30,16 @@ def migration_state(cluster: devcluster.ClusterInfo, image: str) -> str:
     return state
 
 
+def head_digest(cluster: devcluster.ClusterInfo, image: str, length: int) -> str:
+    """SHA-256 of the first ``length`` bytes of an image (rbd export)."""
+    import hashlib
+
+    done = subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "export", f"volumes/{image}",
+                           "-"], capture_output=True, check=True)
+    assert done.stdout[length:].count(0) == len(done.stdout) - length  # zeros past it
+    return hashlib.sha256(done.stdout[:length]).hexdigest()
+
+
 def relocate(cli: Cli, image: str) -> None:
     """Run the job of ``volumes/IMAGE`` to its end (and no other job)."""
     jobs = [j["id"] for j in cli.json("status")["jobs"] if j["image"] == f"volumes/{image}"]
@@ -137,3 +147,50 @@ def test_a_relocating_volume_is_not_deleted_and_its_backup_is_held(
     while cinder.request("GET", f"/backups/{backup['id']}")[0] != 404:
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+def test_what_cinder_can_do_with_a_volume_still_relocating(
+        cinder: Any, cluster: devcluster.ClusterInfo, cli: Cli,
+        bootable_backup: dict[str, Any]) -> None:
+    """Each operation tried on a volume whose image still migrates from its backup; what
+    happened is printed and docs/openstack.md reports it."""
+    backup = cinder.create_backup(bootable_backup["source"]["id"], "for-relocating")
+    created = cinder.openstack("volume", "create", "--backup", backup["id"], "--size", "1",
+                               "relocating", "-f", "json")
+    volume = cinder.wait_status("volume", created["id"], "available", timeout=120)
+    image = f"volume-{volume['id']}"
+    outcomes: dict[str, str] = {}
+
+    cinder.openstack("volume", "set", "--size", "2", volume["id"])  # extend
+    extended = cinder.wait_status("volume", volume["id"], "available")
+    outcomes["extend"] = f"size {extended['size']} GiB"
+
+    snap = cinder.openstack("volume", "snapshot", "create", "--volume", volume["id"],
+                            "snap-while-relocating", "-f", "json")
+    deadline = time.monotonic() + 60
+    while (snapshot := cinder.request("GET", f"/snapshots/{snap['id']}")[1]["snapshot"])[
+            "status"] not in ("available", "error"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    outcomes["snapshot"] = snapshot["status"]
+    clone_image = None
+    if snapshot["status"] == "available":
+        clone = cinder.openstack("volume", "create", "--snapshot", snap["id"],
+                                 "clone-of-relocating", "-f", "json")
+        try:
+            cloned = cinder.wait_status("volume", clone["id"], "available", timeout=120)
+            outcomes["clone from snapshot"] = cloned["status"]
+            clone_image = f"volume-{clone['id']}"
+        except AssertionError as exc:
+            outcomes["clone from snapshot"] = f"error ({exc})"[:200]
+    assert migration_state(cluster, image) == "prepared"
+    relocate(cli, image)
+    assert migration_state(cluster, image) == "none"
+    outcomes["commit afterwards"] = "committed"
+    final = cinder.wait_status("volume", volume["id"], "available")
+    print("\nrelocating volume:", outcomes)
+    assert final["size"] == 2 and outcomes["snapshot"] == "available"
+    # The bytes: the backup's gigabyte, then zeros, in the volume and in the clone.
+    want = bootable_backup["digest"]
+    assert head_digest(cluster, image, 1 << 30) == want
+    assert clone_image is not None and head_digest(cluster, clone_image, 1 << 30) == want
