@@ -8,13 +8,10 @@ import signal
 import socket
 import subprocess
 import threading
-import urllib.parse
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import rbd
 import zstandard
 from hypothesis import HealthCheck, given, settings
@@ -24,79 +21,13 @@ from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
 from rbd_restore.fetcher.headers import BEAST_HEADER_LIMIT, BUFFER_DOUBLES_PAST
 from rbd_restore.repo.layout import KeyLayout
-from rbd_restore.repo.repository import snapshot_name
+from tests.integration.fetcher_fixtures import backup, fetcher, reference, request, split
 from tests.support.fetcher_proc import FetcherProcess
 from tests.support.helpers import Cli
 
+__all__ = ["backup", "fetcher", "reference"]  # the fixtures these tests use
+
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def backup(cluster: devcluster.ClusterInfo, rados_cluster: Any,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """One backed-up image with data, holes and a repeated chunk, in a prefix of its own."""
-    prefix = f"fetcher-{uuid.uuid4().hex[:8]}/"
-    name = f"fetch-{uuid.uuid4().hex[:8]}"
-    rng = random.Random(9)
-    with rados_cluster.open_ioctx("volumes") as ioctx:
-        rbd.RBD().create(ioctx, name, 40 * MiB + 4096, old_format=False)
-        with rbd.Image(ioctx, name) as image:
-            same = rng.randbytes(4 * MiB)
-            image.write(same, 0)
-            image.write(same, 12 * MiB)
-            image.write(rng.randbytes(5 * MiB), 20 * MiB + 100)
-            image.write(rng.randbytes(4096), 40 * MiB)
-        cli = Cli(cluster, prefix, {})
-        result = cli.json("backup", f"volumes/{name}")
-        yield {"backup_id": result["backup_id"], "image": name, "prefix": prefix, "cli": cli,
-               "snap": f"volumes/{name}@{snapshot_name(result['backup_id'])}",
-               "tmp": tmp_path_factory.mktemp("fetcher")}
-        remove_image(ioctx, name)
-
-
-@pytest.fixture
-def fetcher(cluster: devcluster.ClusterInfo, backup: dict[str, Any],
-            tmp_path: Path) -> Iterator[FetcherProcess]:
-    proc = FetcherProcess(cluster, tmp_path / "cache", backup["prefix"])
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-def split(url: str) -> tuple[str, int, str]:
-    parts = urllib.parse.urlsplit(url)
-    assert parts.hostname and parts.port
-    return parts.hostname, parts.port, parts.path
-
-
-def request(url: str, method: str = "GET", headers: dict[str, str] | None = None,
-            path: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    host, port, default_path = split(url)
-    conn = http.client.HTTPConnection(host, port, timeout=60)
-    try:
-        conn.request(method, path if path is not None else default_path, headers=headers or {})
-        reply = conn.getresponse()
-        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
-    finally:
-        conn.close()
-
-
-class Reference(tuple[str, bytes]):
-    """A session URL and the whole virtual file; a short repr keeps reports readable."""
-
-    def __repr__(self) -> str:
-        return f"Reference({self[0][:40]}..., {len(self[1])} bytes)"
-
-
-@pytest.fixture
-def reference(fetcher: FetcherProcess, backup: dict[str, Any]) -> Reference:
-    """A session URL and the whole virtual file, downloaded once."""
-    url = fetcher.create_session(backup["backup_id"])["url"]
-    status, headers, body = request(url)
-    assert status == 200 and int(headers["content-length"]) == len(body)
-    return Reference((url, body))
 
 
 def test_qemu_img_sees_a_clean_qcow2_identical_to_the_snapshot(
@@ -396,70 +327,3 @@ def _twelve_readers_one_get(fetcher: FetcherProcess, url: str) -> None:
     assert [s for s, _ in results] == [206] * 12
     assert fetcher.metrics()["rbd_restore_fetcher_s3_gets_total"] - before == 1
 
-
-def raw_exchange(url: str, header_value: bytes) -> tuple[int, bytes]:
-    """One GET with a Range header sent as raw bytes (http.client refuses non-Latin-1)."""
-    host, port, path = split(url)
-    with socket.create_connection((host, port), timeout=30) as sock:
-        sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nRange: " +
-                     header_value + b"\r\nConnection: close\r\n\r\n")
-        reply = b""
-        while chunk := sock.recv(1 << 16):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body
-
-
-def test_range_numbers_only_ascii_and_never_too_long(fetcher: FetcherProcess,
-                                                     reference: tuple[str, bytes]) -> None:
-    url, whole = reference
-    huge = b"9" * 5000  # over the 4,300 digits int() accepts: was a 500
-    assert raw_exchange(url, b"bytes=" + huge + b"-")[0] == 416
-    status, body = raw_exchange(url, b"bytes=" + b"0" * 5000 + b"7-9")
-    assert status == 206 and body == whole[7:10]
-    # Arabic-Indic digits are digits to Python, not to RFC 9110: the header is ignored.
-    status, body = raw_exchange(url, "bytes=\u0661-\u0662".encode())
-    assert status == 200 and body == whole
-    assert "Traceback" not in fetcher.logs()
-
-
-@pytest.fixture
-def tiny_cache_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB file system: every chunk write into it fails (ENOSPC)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        pytest.fail(f"this test mounts a tmpfs (as root, as CI runs): {made.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
-def test_a_full_cache_disk_costs_hits_never_a_read(
-        cluster: devcluster.ClusterInfo, backup: dict[str, Any],
-        tiny_cache_disk: Path) -> None:
-    # No priming, no memory staging: every chunk goes the way of the disk cache.
-    full = FetcherProcess(cluster, tiny_cache_disk / "cache", backup["prefix"],
-                          {"RBD_RESTORE_FETCHER_PRIME_SESSIONS": "0",
-                           "RBD_RESTORE_FETCHER_MEMORY_CACHE": "0"})
-    full.start()
-    try:
-        url = full.create_session(backup["backup_id"])["url"]
-        assert request(url)[0] == 200
-        compare = subprocess.run(
-            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", url,
-             f"rbd:{backup['snap']}:conf={cluster.ceph_conf}"],
-            capture_output=True, text=True, check=False)
-        assert compare.returncode == 0, compare.stdout + compare.stderr
-        metrics = full.metrics()
-        assert metrics["rbd_restore_fetcher_cache_write_errors_total"] >= 2
-        assert metrics.get('rbd_restore_fetcher_requests_total{method="GET",status="500"}',
-                           0) == 0
-    finally:
-        full.stop()
-    leftovers = [p.name for p in (tiny_cache_disk / "cache").iterdir()
-                 if p.name.endswith(".tmp")]
-    assert leftovers == []
