@@ -30,7 +30,7 @@ from bench.common import (
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
-from rbd_restore.repo.store import make_client
+from rbd_restore.repo.store import content_md5, make_client
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
@@ -78,8 +78,9 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
     extents = list(range(0, 1024, 2))  # every other 4 MiB slot: 2 GiB in 4 GiB
     data_bytes = len(extents) * CHUNK
     src = f"bench-src-{uuid.uuid4().hex[:8]}"
-    samples: dict[str, list[float]] = {k: [] for k in ("backup", "export", "put", "put_signed",
-                                                       "restore", "get", "import")}
+    samples: dict[str, list[float]] = {k: [] for k in ("backup", "export", "put", "put_no_md5",
+                                                       "put_signed", "restore", "get",
+                                                       "import")}
     try:
         _fill(ioctx, src, 4 << 30, extents, pool)
         for run_no in range(runs):
@@ -94,10 +95,17 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             samples["export"].append(data_bytes / secs / MiB)
 
-            for key, client, folder in (("put", s3, "raw"), ("put_signed", signed_s3, "signed")):
-                def put(i: int, client: Any = client, where: str = f"{prefix}{folder}") -> None:
-                    client.put_object(Bucket=cluster.bucket, Key=f"{where}/{i}",
-                                      Body=_extent(pool, i))
+            # The limit: PUTs as the tool sends them, Content-MD5 included (RGW refuses a
+            # body damaged on the way); without it, and signed, for context.
+            for key, client, folder, md5 in (("put", s3, "raw", True),
+                                             ("put_no_md5", s3, "plain", False),
+                                             ("put_signed", signed_s3, "signed", False)):
+                def put(i: int, client: Any = client, where: str = f"{prefix}{folder}",
+                        md5: bool = md5) -> None:
+                    body = _extent(pool, i)
+                    extra = {"ContentMD5": content_md5(body)} if md5 else {}
+                    client.put_object(Bucket=cluster.bucket, Key=f"{where}/{i}", Body=body,
+                                      **extra)
 
                 with ThreadPoolExecutor(WORKERS) as ex:
                     secs, _ = timed(map_all, ex, put, extents)
@@ -140,9 +148,12 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
                        "1 / (1/export + 1/PUT)", combined_backup, "", samples["backup"]))
         report.add(Row("rbd export of the snapshot", "throughput", median(samples["export"]),
                        "MiB/s", runs=samples["export"]))
-        report.add(Row(f"parallel boto3 PUT ({WORKERS} threads, unsigned bodies as the tool "
-                       "sends them)", "throughput", median(samples["put"]), "MiB/s",
-                       runs=samples["put"]))
+        report.add(Row(f"parallel boto3 PUT ({WORKERS} threads, unsigned bodies with "
+                       "Content-MD5, as the tool sends them)", "throughput",
+                       median(samples["put"]), "MiB/s", runs=samples["put"]))
+        report.add(Row(f"parallel boto3 PUT ({WORKERS} threads, no Content-MD5: a damaged "
+                       "body would be stored)", "throughput", median(samples["put_no_md5"]),
+                       "MiB/s", runs=samples["put_no_md5"]))
         report.add(Row(f"parallel boto3 PUT ({WORKERS} threads, SigV4-signed bodies)",
                        "throughput", median(samples["put_signed"]), "MiB/s",
                        runs=samples["put_signed"]))
