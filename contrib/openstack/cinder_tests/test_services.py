@@ -194,3 +194,20 @@ def test_what_cinder_can_do_with_a_volume_still_relocating(
     want = bootable_backup["digest"]
     assert head_digest(cluster, image, 1 << 30) == want
     assert clone_image is not None and head_digest(cluster, clone_image, 1 << 30) == want
+
+
+def test_cinders_own_restore_into_a_volume_streams_the_backup(
+        cinder: Any, cluster: devcluster.ClusterInfo, bootable_backup: dict[str, Any]) -> None:
+    """`openstack volume backup restore B V`: Cinder attaches V and our backup driver
+    writes the backup into it (backups export), then re-applies the metadata."""
+    backup = cinder.create_backup(bootable_backup["source"]["id"], "for-generic-restore")
+    target = cinder.openstack("volume", "create", "--size", "1", "generic-target", "-f",
+                              "json")
+    cinder.wait_status("volume", target["id"], "available")
+    cinder.openstack("volume", "backup", "restore", "--force", backup["id"], target["id"],
+                     "-f", "json")
+    restored = cinder.wait_status("volume", target["id"], "available", timeout=300)
+    assert cinder.wait_status("backup", backup["id"], "available")["id"] == backup["id"]
+    assert export_digest(cluster, f"volumes/volume-{target['id']}") == \
+        bootable_backup["digest"]
+    assert restored["bootable"] == "true"
