@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -127,7 +127,9 @@ def gc(
     if not grace.isdigit():
         raise UsageError(f"--grace takes a number of seconds, not {grace!r}")
     repo = open_repository(load_config(ctx))
-    result = collect_garbage(repo, dt.timedelta(seconds=int(grace)), dry_run=dry_run)
+    with progress_bar("gc", not as_json) as progress:
+        result = collect_garbage(repo, dt.timedelta(seconds=int(grace)), dry_run=dry_run,
+                                 progress=progress)
     for backup_id in result.unreadable_manifests:
         typer.echo(f"warning: backup {backup_id} has a manifest that fails validation; "
                    "gc kept every chunk it names", err=True)
@@ -205,23 +207,54 @@ def backups_show(ctx: typer.Context, backup_id: str, as_json: JsonOption = False
 @backups_app.command("verify")
 def backups_verify(
     ctx: typer.Context,
-    backup_id: str,
+    backup_id: Annotated[str | None, typer.Argument(
+        help="The backup; without it, --sample scrubs the whole repository.")] = None,
     deep: Annotated[bool, typer.Option("--deep", help="Download and hash every chunk.")]
     = False,
+    sample: Annotated[float | None, typer.Option(
+        "--sample", min=0.001, max=100, help="Download and hash this percentage of all the "
+        "chunks the backups reference, chosen at random (scheduled scrubs).")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check that every chunk of a backup is stored (and with --deep, intact)."""
-    problems = verify_backup(open_repository(load_config(ctx)), backup_id, deep)
-    if as_json:
-        print_json({"backup_id": backup_id, "deep": deep, "ok": not problems,
-                    "problems": [p.as_json() for p in problems]})
-    else:
-        for p in problems:
-            typer.echo(f"chunk {p.index} (offset {p.offset}) {p.chunk_id}: {p.reason}")
+    """Check that every chunk of a backup is stored (and with --deep, intact), or a
+    random sample of the whole repository (--sample PERCENT)."""
+    from rbd_restore.repo.maintenance import verify_sample
+
+    repo = open_repository(load_config(ctx))
+    if sample is not None:
+        if backup_id is not None or deep:
+            raise UsageError("--sample checks the whole repository: give no backup id or "
+                             "--deep with it")
+        with progress_bar("scrub", not as_json) as progress:
+            result = verify_sample(repo, sample, progress=progress)
+        _report_problems(result.problems, as_json, result.as_json())
+        if result.problems or result.unreadable_manifests:
+            raise IntegrityError(f"scrub: {len(result.problems)} bad or missing chunks, "
+                                 f"{len(result.unreadable_manifests)} unreadable manifests "
+                                 f"(of {result.chunks_checked} chunks checked)")
+        if not as_json:
+            typer.echo(f"scrub: {result.chunks_checked} of {result.chunks_total} chunks "
+                       "checked, every one intact")
+        return
+    if backup_id is None:
+        raise UsageError("give a backup id, or --sample PERCENT")
+    with progress_bar(f"verify {backup_id}", deep and not as_json) as progress:
+        problems = verify_backup(repo, backup_id, deep, progress=progress)
+    _report_problems(problems, as_json, {"backup_id": backup_id, "deep": deep,
+                                         "ok": not problems,
+                                         "problems": [p.as_json() for p in problems]})
     if problems:
         raise IntegrityError(f"backup {backup_id}: {len(problems)} bad or missing chunks")
     if not as_json:
         typer.echo(f"backup {backup_id}: {'every chunk intact' if deep else 'every chunk present'}")
+
+
+def _report_problems(problems: list[Any], as_json: bool, payload: dict[str, Any]) -> None:
+    if as_json:
+        print_json(payload)
+        return
+    for p in problems:
+        typer.echo(f"chunk {p.index} (offset {p.offset}) {p.chunk_id}: {p.reason}")
 
 
 @backups_app.command("delete")

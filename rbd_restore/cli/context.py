@@ -48,6 +48,6 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(task, completed=done, total=total or None)  # 0: not known
 
         yield update

@@ -15,6 +15,7 @@ from rbd_restore.cli.cinder import cinder_app
 from rbd_restore.cli.dev import dev_app
 from rbd_restore.cli.fetcher import fetcher_app
 from rbd_restore.cli.profile import profile_app
+from rbd_restore.cli.retention import forget
 from rbd_restore.errors import UserError
 
 log = logging.getLogger("rbd_restore")
@@ -31,6 +32,7 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(fetcher_app, name="fetcher")
 app.add_typer(profile_app, name="profile")
 cli_backup.register(app)
+app.command("forget")(forget)
 cli_jobs.register(app)
 
 

@@ -11,11 +11,13 @@ listed (rbd_restore.repo.locks).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from rbd_restore.errors import UserError
 from rbd_restore.repo.locks import S3Clock, delete_intent, readers
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository
+from rbd_restore.repo.retention import Policy, plan
 from rbd_restore.repo.sessions import open_sessions
 
 
@@ -50,3 +52,47 @@ def delete_backup(repo: Repository, backup_id: str, force: bool = False) -> Dele
                               "restore then fails once gc frees the chunks)")
         repo.remove_manifest(backup_id)
     return DeleteResult(manifest, using)
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    kept: list[tuple[Manifest, list[str]]]  # each with the rules that keep it
+    removed: list[Manifest]
+    held: list[tuple[Manifest, list[str]]]  # would go, but a restore reads it
+    unreadable: list[str]  # manifests that fail validation: never judged, never removed
+
+    def as_json(self) -> dict[str, Any]:
+        def row(m: Manifest) -> dict[str, Any]:
+            return {"backup_id": m.backup_id, "created": m.created, "image": m.source.spec}
+
+        return {"kept": [{**row(m), "rules": rules} for m, rules in self.kept],
+                "removed": [row(m) for m in self.removed],
+                "held": [{**row(m), "held_by": who} for m, who in self.held],
+                "unreadable": self.unreadable}
+
+
+def forget(repo: Repository, policy: Policy, image: tuple[str, str] | None = None,
+           dry_run: bool = False) -> ForgetResult:
+    """Remove the backups ``policy`` does not keep (gc frees their chunks later), never
+    one that an unfinished restore reads; ``image``: only backups of (pool, image)."""
+    scan = repo.scan_manifests(stable=True)
+    chosen = [m for m in scan.manifests
+              if image is None or (m.source.pool, m.source.image) == image]
+    sessions = open_sessions(repo, stable=True)
+    kept: list[tuple[Manifest, list[str]]] = []
+    removed: list[Manifest] = []
+    held: list[tuple[Manifest, list[str]]] = []
+    for decision in plan(policy, chosen).values():
+        kept += [(m, decision.reasons[m.backup_id]) for m in decision.keep]
+        for manifest in decision.remove:
+            using = sessions.holders(manifest.backup_id)
+            if not using and not dry_run:
+                try:
+                    delete_backup(repo, manifest.backup_id)
+                except BackupInUse as exc:  # a restore began meanwhile
+                    using = [exc.message]
+            if using:
+                held.append((manifest, using))
+            else:
+                removed.append(manifest)
+    return ForgetResult(kept, removed, held, [bad.backup_id for bad in scan.unreadable])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,25 +31,45 @@ class ChunkProblem:
                 "reason": self.reason}
 
 
-def verify_backup(repo: Repository, backup_id: str, deep: bool,
-                  workers: int = 16) -> list[ChunkProblem]:
+Progress = Callable[[int, int], None]
+
+
+def verify_backup(repo: Repository, backup_id: str, deep: bool, workers: int = 16,
+                  progress: Progress | None = None) -> list[ChunkProblem]:
     """Every missing chunk (and with ``deep``, every chunk that fails its hash)."""
     if deep:
         with reading(repo.store, repo.keys, backup_id, "verify"):
-            return _verify(repo, repo.load_manifest(backup_id), deep, workers)
-    return _verify(repo, repo.load_manifest(backup_id), deep, workers)
+            return _verify(repo, repo.load_manifest(backup_id), deep, workers, progress)
+    return _verify(repo, repo.load_manifest(backup_id), deep, workers, progress)
 
 
-def _verify(repo: Repository, manifest: Manifest, deep: bool,
-            workers: int) -> list[ChunkProblem]:
+class _Counter:
+    """Bytes done of a total, reported from worker threads."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+        self.lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        if self.progress is None:
+            return
+        with self.lock:
+            self.done += nbytes
+            self.progress(self.done, self.total)
+
+
+def _verify(repo: Repository, manifest: Manifest, deep: bool, workers: int,
+            progress: Progress | None = None) -> list[ChunkProblem]:
     first_use: dict[str, int] = {}
     for index, cid in manifest.allocated():
         first_use.setdefault(cid, index)
     problems: list[ChunkProblem] = []
     lock = threading.Lock()
+    counter = _Counter(sum(manifest.chunk_length(i) for i in first_use.values()), progress)
 
     def check(cid: str) -> None:
         index = first_use[cid]
+        counter.add(manifest.chunk_length(index))
         reason = None
         try:
             if deep:
@@ -80,7 +102,7 @@ class GcResult:
 
 
 def collect_garbage(repo: Repository, grace: dt.timedelta = DEFAULT_GC_GRACE,
-                    dry_run: bool = False) -> GcResult:
+                    dry_run: bool = False, progress: Progress | None = None) -> GcResult:
     """Delete chunks that no manifest references and that are older than ``grace``.
 
     Runs under the gc lock (no backup may run meanwhile). A manifest that fails
@@ -101,6 +123,8 @@ def collect_garbage(repo: Repository, grace: dt.timedelta = DEFAULT_GC_GRACE,
         for info in repo.store.list_objects(repo.keys.chunks_prefix):
             cid = repo.keys.chunk_id_of(info.key)
             seen += 1
+            if progress is not None and seen % 1000 == 0:
+                progress(seen, 0)  # chunks listed so far; the total is not known
             if cid is None or cid in referenced:
                 continue
             if info.last_modified > cutoff:
@@ -112,3 +136,53 @@ def collect_garbage(repo: Repository, grace: dt.timedelta = DEFAULT_GC_GRACE,
             repo.store.delete_many(doomed)
     return GcResult(len(scan.manifests), seen, len(doomed), freed, young,
                     [bad.backup_id for bad in scan.unreadable])
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    chunks_total: int
+    chunks_checked: int
+    problems: list[ChunkProblem]
+    unreadable_manifests: list[str]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"chunks_total": self.chunks_total, "chunks_checked": self.chunks_checked,
+                "ok": not self.problems and not self.unreadable_manifests,
+                "problems": [p.as_json() for p in self.problems],
+                "unreadable_manifests": self.unreadable_manifests}
+
+
+def verify_sample(repo: Repository, percent: float, workers: int = 16,
+                  rng: random.Random | None = None,
+                  progress: Progress | None = None) -> SampleResult:
+    """Download and hash ``percent`` of the distinct chunks every backup references (at
+    least one): a scheduled scrub whose runs, over time, cover the whole repository."""
+    scan = repo.scan_manifests()
+    lengths: dict[str, tuple[int, int, int]] = {}  # chunk -> (length, index, offset)
+    for manifest in scan.manifests:
+        for index, cid in manifest.allocated():
+            lengths.setdefault(cid, (manifest.chunk_length(index), index,
+                                     index * manifest.chunk_size))
+    every_chunk = sorted(lengths)
+    count = min(len(every_chunk), max(1, round(len(every_chunk) * percent / 100)))
+    sample = (rng or random.SystemRandom()).sample(every_chunk, count) if every_chunk else []
+    problems: list[ChunkProblem] = []
+    lock = threading.Lock()
+    counter = _Counter(sum(lengths[cid][0] for cid in sample), progress)
+
+    def check(cid: str) -> None:
+        length, index, offset = lengths[cid]
+        counter.add(length)
+        try:
+            repo.get_chunk(cid, length)
+            return
+        except ObjectMissing:
+            reason = "missing"
+        except IntegrityError as exc:
+            reason = exc.message
+        with lock:
+            problems.append(ChunkProblem(cid, index, offset, reason))
+
+    run_bounded(check, sample, workers, "scrub")
+    return SampleResult(len(every_chunk), len(sample), problems,
+                        [bad.backup_id for bad in scan.unreadable])
