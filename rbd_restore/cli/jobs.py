@@ -15,12 +15,11 @@ from rbd_restore.config import Config
 from rbd_restore.errors import UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs import instant
-from rbd_restore.jobs.abort import abort_job, reconcile
+from rbd_restore.jobs.abort import abort_job
 from rbd_restore.jobs.runner import MAX_ATTEMPTS, PARALLEL_JOBS, JobRunner
-from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
+from rbd_restore.jobs.store import JobRecord, JobStore
 from rbd_restore.logs import use_json_logs
 from rbd_restore.output import print_json
-from rbd_restore.units import format_size
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 jobs_app = typer.Typer(help="The job runner that relocates and commits instant restores.",
@@ -28,6 +27,8 @@ jobs_app = typer.Typer(help="The job runner that relocates and commits instant r
 
 
 def register(app: typer.Typer) -> None:
+    from rbd_restore.cli.status import status
+
     app.command("status")(status)
     app.command("abort")(abort)
     app.add_typer(jobs_app, name="jobs")
@@ -68,43 +69,6 @@ def restore_instant(cfg: Config, backup_id: str, ref: ImageRef, wait: bool, as_j
                     "committed_seconds": round(committed, 3)})
     else:
         typer.echo(f"committed: {ref} is an ordinary RBD image ({committed:.1f} s)")
-
-
-def _status_row(record: JobRecord, migration: str) -> str:
-    r = record
-    eta = f", {r.eta_seconds:.0f} s left" if r.eta_seconds is not None else ""
-    rate = f", {format_size(int(r.rate_bytes_per_s))}/s" if r.state in ACTIVE else ""
-    if r.state in ACTIVE and (due_in := r.due_in()) > 0:
-        eta = f", relocation starts in {due_in:.0f} s"
-    phase = {"executed": " (relocated, commit pending)",
-             "preparing": " (image half made)"}.get(migration, "")
-    error = f"  ({r.error})" if r.error else ""
-    return (f"{r.id}  {r.spec:28} {r.state:10} {r.progress * 100:5.1f}%  "
-            f"{format_size(r.bytes_relocated)}{rate}{eta}{phase}{error}")
-
-
-def status(
-    ctx: typer.Context,
-    job: Annotated[str | None, typer.Argument(help="One job id; all jobs without it.")] = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Show instant-restore jobs: state, progress, rate and time left."""
-    with open_cluster(load_config(ctx)) as cluster:
-        store = JobStore(cluster)
-        if job:
-            records, problems = [store.get(job)], []
-        else:
-            scan = store.scan()
-            records, problems = scan.records, scan.problems
-        rows = [reconcile(cluster, r) for r in records]
-    for problem in problems:
-        typer.echo(f"warning: {problem}", err=True)
-    if as_json:
-        print_json({"jobs": [{**r.as_status(), "migration": m or None} for r, m in rows],
-                    "problems": problems})
-        return
-    for record, migration in rows:
-        typer.echo(_status_row(record, migration))
 
 
 def abort(ctx: typer.Context, job: str, as_json: JsonOption = False) -> None:

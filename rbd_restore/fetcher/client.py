@@ -60,3 +60,8 @@ class ControlClient:
 
     def close(self, session_id: str) -> None:
         self._call("DELETE", f"/v1/sessions/{session_id}")
+
+    def prefetch(self, session_id: str) -> dict[str, Any]:
+        """What this fetcher did for a session: the guest's reads, prefetch, relocation."""
+        result: dict[str, Any] = self._call("GET", f"/v1/sessions/{session_id}/prefetch")
+        return result

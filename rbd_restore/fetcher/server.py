@@ -208,8 +208,12 @@ class FetcherService:
         prefetch = self.prefetch.session(claim.session_id, claim.created, view)
         plan = self.prefetch.plan(prefetch, wanted.start, wanted.end, segments)
         request["reader"] = plan.reader
-        for piece in plan.slices:
-            self.metrics.reads.labels(plan.reader, self.cache.state(piece.chunk_id)).inc()
+        states = [self.cache.state(piece.chunk_id) for piece in plan.slices]
+        for state in states:
+            self.metrics.reads.labels(plan.reader, state).inc()
+        if plan.reader == "guest" and plan.slices:
+            prefetch.guest_reads += 1
+            prefetch.guest_read_hits += all(state == "hit" for state in states)
         # The relocation reads a chunk's clusters once, one after the other: a chunk it
         # asks for before prefetch staged it is kept in memory like the staged ones.
         in_memory = plan.reader == "relocation"

@@ -110,11 +110,14 @@ class SessionPrefetch:
         self.primed_by = ""
         self.demanded: set[int] = set()
         self.covered = 0
+        self.guest_reads = 0  # guest data reads this fetcher served for the session
+        self.guest_read_hits = 0  # of those, every byte from the cache
         self.saved = False
 
     def as_json(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "primed_by": self.primed_by,
                 "profile_chunks": len(self.profile_ids), "demand_chunks": len(self.demanded),
+                "guest_reads": self.guest_reads, "guest_read_hits": self.guest_read_hits,
                 "profile_covered_chunks": self.covered,
                 "recorded_chunks": len(self.recorder.first_touch),
                 "profile_saved": self.saved, "relocation_front": self.follower.front,
