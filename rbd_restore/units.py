@@ -1,4 +1,5 @@
-"""Byte sizes as users write them (``4M``, ``8G``, ``65536``)."""
+"""Byte sizes and listen addresses as users write them (``4M``, ``8G``, ``65536``;
+``127.0.0.1:8080``, ``[::1]:8080``)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,10 @@ def format_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{size} B"
+
+
+def split_hostport(text: str, what: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{what}: {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Label values known in advance are exported from the start at zero, so that rate() and
+# alert rules see a series before the first event (an S3 error, a cache miss).
+S3_ERROR_KINDS = ("throttled", "server", "connection", "damaged")
+READERS = ("guest", "relocation")
+READ_RESULTS = ("hit", "wait", "miss")
+PREFETCH_CLASSES = ("profile", "relocation")
+PRIMED_BY = ("profile", "heuristic")
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1,
                    0.2, 0.5, 1, 2, 5, 10, 30)
 
@@ -25,6 +33,14 @@ class FetcherMetrics:
                                     "Chunk reads that had to go to S3", registry=r)
         self.cache_bytes = Gauge("rbd_restore_fetcher_cache_bytes", "Bytes in the chunk cache",
                                  registry=r)
+        self.cache_limit_bytes = Gauge("rbd_restore_fetcher_cache_limit_bytes",
+                                       "The chunk cache's configured size", registry=r)
+        self.cache_disk_free_bytes = Gauge("rbd_restore_fetcher_cache_disk_free_bytes",
+                                           "Free bytes on the cache directory's filesystem, "
+                                           "for this user", registry=r)
+        self.cache_disk_size_bytes = Gauge("rbd_restore_fetcher_cache_disk_size_bytes",
+                                           "Size of the cache directory's filesystem",
+                                           registry=r)
         self.memory_cache_bytes = Gauge("rbd_restore_fetcher_memory_cache_bytes",
                                         "Bytes of relocation chunks staged in memory",
                                         registry=r)
@@ -92,3 +108,14 @@ class FetcherMetrics:
                                        registry=r)
         self.sessions_open = Gauge("rbd_restore_fetcher_sessions_open",
                                    "Sessions created and not closed", registry=r)
+        for kind in S3_ERROR_KINDS:
+            self.s3_errors.labels(kind)
+        for reader in READERS:
+            for result in READ_RESULTS:
+                self.reads.labels(reader, result)
+        for klass in PREFETCH_CLASSES:
+            for family in (self.prefetch_bytes, self.prefetch_used_bytes,
+                           self.prefetch_wasted_bytes, self.prefetch_queued):
+                family.labels(klass)
+        for primed_by in PRIMED_BY:
+            self.profile_sessions.labels(primed_by)

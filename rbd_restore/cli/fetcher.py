@@ -24,6 +24,8 @@ from rbd_restore.output import print_json
 from rbd_restore.units import parse_size
 
 if TYPE_CHECKING:  # aiohttp loads only for `fetcher serve`
+    from prometheus_client import CollectorRegistry
+
     from rbd_restore.fetcher.server import FetcherService
 
 fetcher_app = typer.Typer(help="The fetcher daemon that serves backups to librbd.",
@@ -62,7 +64,8 @@ def serve(
 
     def ready() -> None:
         if run_jobs:
-            threading.Thread(target=_host_job_runner, args=(cfg,), name="job-runner",
+            threading.Thread(target=_host_job_runner, args=(cfg, service.metrics.registry),
+                             name="job-runner",
                              daemon=True).start()
         print(f"fetcher ready: data {service.listeners.data}, control "
               f"{service.listeners.control}, metrics {service.listeners.metrics}"
@@ -72,17 +75,19 @@ def serve(
         asyncio.run(_serve_until_signal(service, ready))
 
 
-def _host_job_runner(cfg: Config) -> None:
+def _host_job_runner(cfg: Config, registry: CollectorRegistry) -> None:
     """The job runner in the fetcher's process; it talks to the control plane like any
-    other runner, so the two roles stay separable."""
+    other runner, so the two roles stay separable. Its metrics join the fetcher's."""
     from rbd_restore.cli.context import open_cluster
+    from rbd_restore.jobs.metrics import RunnerMetrics
     from rbd_restore.jobs.runner import JobRunner
 
+    metrics = RunnerMetrics(registry)
     log = logging.getLogger("rbd_restore.jobs")
     while True:
         try:
             with open_cluster(cfg) as cluster:
-                JobRunner(cluster, ControlClient(cfg.fetcher)).serve()
+                JobRunner(cluster, ControlClient(cfg.fetcher), metrics=metrics).serve()
         except UserError as exc:
             log.error("job runner: %s; starting again in 10 s", exc.message)
         except Exception:  # a bug must not end the runner for the fetcher's lifetime

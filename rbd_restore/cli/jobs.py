@@ -16,6 +16,7 @@ from rbd_restore.errors import UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs import instant
 from rbd_restore.jobs.abort import abort_job
+from rbd_restore.jobs.metrics import RunnerMetrics, serve_metrics
 from rbd_restore.jobs.runner import MAX_ATTEMPTS, PARALLEL_JOBS, JobRunner
 from rbd_restore.jobs.store import JobRecord, JobStore
 from rbd_restore.logs import use_json_logs
@@ -72,10 +73,10 @@ def restore_instant(cfg: Config, backup_id: str, ref: ImageRef, wait: bool, as_j
 
 
 def abort(ctx: typer.Context, job: str, as_json: JsonOption = False) -> None:
-    """Abort an instant restore: deletes the image and every write made to it (an image
-    the restore replaced is put back).
+    """Abort an instant restore: deletes the image and every write made to it.
 
-    Refused while anything (a VM, a job runner) has the image open.
+    An image the restore replaced is put back. Refused while anything (a VM, a job
+    runner) has the image open.
     """
     cfg = load_config(ctx)
     with open_cluster(cfg) as cluster:
@@ -108,6 +109,8 @@ def jobs_run(
         "--max-attempts", min=1, max=1000, help="Failed attempts in a row, without "
         "progress, before a job is marked failed.")] = MAX_ATTEMPTS,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    metrics_listen: Annotated[str | None, typer.Option(
+        "--metrics-listen", help="Serve Prometheus metrics (/metrics) on HOST:PORT.")] = None,
 ) -> None:
     """Relocate and commit every staged instant restore, resuming interrupted ones."""
     level = logging.getLevelName(log_level.upper())
@@ -116,8 +119,12 @@ def jobs_run(
     with open_cluster(cfg) as cluster:
         if job is not None:
             JobStore(cluster).get(job)  # an unknown id is an error, not an idle runner
+        metrics = RunnerMetrics()
+        if metrics_listen is not None:
+            serve_metrics(metrics.registry, metrics_listen)
         runner = JobRunner(cluster, ControlClient(cfg.fetcher), concurrency,
-                           max_attempts=max_attempts, parallel_jobs=parallel_jobs)
+                           max_attempts=max_attempts, parallel_jobs=parallel_jobs,
+                           metrics=metrics)
         # SIGTERM (systemd, an operator): running relocations stop at their next object,
         # their progress is saved, and another runner resumes them.
         for sig in (signal.SIGTERM, signal.SIGINT):

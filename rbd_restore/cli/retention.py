@@ -30,8 +30,10 @@ def forget(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say, delete nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Delete the backups a retention policy does not keep, each volume judged on its own
-    (then run gc). Never a backup that an unfinished restore reads."""
+    """Delete the backups a retention policy does not keep (then run gc).
+
+    Each volume is judged on its own. A backup an unfinished restore reads is never
+    deleted."""
     from rbd_restore.repo.deletion import forget as run_forget
     from rbd_restore.repo.retention import Policy
 

@@ -76,8 +76,10 @@ def status(
     interval: Annotated[float, typer.Option("--interval", min=0.2, max=3600)] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (once).")] = False,
 ) -> None:
-    """Instant-restore jobs: phase, bytes relocated of the total, rate, time left, and the
-    guest's reads the fetcher served with its cache hit ratio."""
+    """Instant-restore jobs: phase, progress, rate, time left, guest reads.
+
+    Guest reads are the VM's reads the fetcher served, with the share its cache
+    answered."""
     cfg = load_config(ctx)
     try:
         control: ControlClient | None = ControlClient(cfg.fetcher, timeout=5)

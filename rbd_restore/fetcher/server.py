@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 import weakref
@@ -32,7 +33,6 @@ from rbd_restore.errors import (
     IntegrityError,
     NotFoundError,
     UnavailableError,
-    UsageError,
     UserError,
 )
 from rbd_restore.fetcher.activation import LISTENERS, inherited_sockets
@@ -46,7 +46,7 @@ from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Qcow2View, Segment
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository
 from rbd_restore.repo.store import ObjectStore
-from rbd_restore.units import parse_size
+from rbd_restore.units import parse_size, split_hostport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,13 +64,6 @@ class Listeners:
     data: str
     control: str
     metrics: str
-
-
-def split_hostport(text: str, what: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"{what}: {text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 class FetcherService:
@@ -299,6 +292,11 @@ class FetcherService:
     async def handle_metrics(self, _request: web.Request) -> web.Response:
         self.metrics.cache_bytes.set(self.cache.total)
         self.metrics.memory_cache_bytes.set(self.cache.hot_total)
+        self.metrics.cache_limit_bytes.set(self.cache.max_bytes)
+        with contextlib.suppress(OSError):  # a vanished disk: the gauges keep their last
+            disk = os.statvfs(self.cache.directory)
+            self.metrics.cache_disk_free_bytes.set(disk.f_bavail * disk.f_frsize)
+            self.metrics.cache_disk_size_bytes.set(disk.f_blocks * disk.f_frsize)
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -31,6 +31,7 @@ from rbd_restore.errors import NotFoundError, UnavailableError, UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs import isolated
 from rbd_restore.jobs.lease import JobBusy, Lease, LeaseLost, lease, runner_cookie
+from rbd_restore.jobs.metrics import RunnerMetrics
 from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,20 @@ def fair_order(records: Iterable[JobRecord]) -> list[JobRecord]:
 class JobRunner:
     def __init__(self, cluster: Cluster, control: ControlClient | None,
                  relocation_concurrency: int | None = None, max_attempts: int = MAX_ATTEMPTS,
-                 parallel_jobs: int = PARALLEL_JOBS) -> None:
+                 parallel_jobs: int = PARALLEL_JOBS,
+                 metrics: RunnerMetrics | None = None) -> None:
         self.cluster = cluster
+        self.metrics = metrics or RunnerMetrics()
         self.store = JobStore(cluster)
         self.control = control
         self.concurrency = relocation_concurrency
         self.max_attempts = max_attempts
         self.parallel_jobs = parallel_jobs
         self.stopping = threading.Event()
+
+    def _save(self, record: JobRecord) -> None:
+        self.store.save(record)
+        self.metrics.saved(record)
 
     def _close_session(self, record: JobRecord) -> None:
         if self.control is None or not record.session_id:
@@ -94,7 +101,7 @@ class JobRunner:
                 remove_image(ioctx, record.replaces)
             log.info("job %s: removed the image it replaced, %s", record.id, record.replaces)
             record = record.with_(replaces="")
-        self.store.save(record)
+        self._save(record)
         if record.state in ("committed", "aborted"):
             self._close_session(record)
         return record
@@ -116,8 +123,10 @@ class JobRunner:
     def _run_held(self, ioctx: Any, record: JobRecord, held: Lease,
                   progress: Progress | None) -> JobRecord:
         started = time.monotonic()
+        self.metrics.held.observe(record)
         while (due_in := record.due_in()) > 0:
             held.check()
+            self.metrics.held.touch(record.id)  # waiting as asked is not being stuck
             self.stopping.wait(min(due_in, 1.0))
         while not self.stopping.is_set():
             held.check()
@@ -144,11 +153,12 @@ class JobRunner:
                 return self._finish(record.with_(
                     state="failed", attempts=attempts,
                     error=f"gave up after {attempts} attempts: {message}"))
+            self.metrics.failed_attempts.inc()
             delay = RETRY_DELAYS[min(attempts - 1, len(RETRY_DELAYS) - 1)]
             log.warning("job %s: attempt %d failed (%s); retrying in %d s", record.id,
                         attempts, message, delay)
             record = record.with_(attempts=attempts, error=f"retrying after: {message}")
-            self.store.save(record)
+            self._save(record)
             self.stopping.wait(delay)
         return record  # the runner is stopping; the job stays active for the next one
 
@@ -165,7 +175,7 @@ class JobRunner:
             if renamed is not None:  # Cinder renames images (migrate, manage): follow it
                 log.warning("job %s: image %s is now %s", record.id, record.image, renamed)
                 record = record.with_(image=renamed)
-                self.store.save(record)
+                self._save(record)
                 return record, False
             why = ("the restore stopped before its image was created"
                    if record.state == "preparing" else "the image was removed")
@@ -200,7 +210,7 @@ class JobRunner:
     def _relocate(self, ioctx: Any, record: JobRecord, held: Lease,
                   progress: Progress | None) -> JobRecord:
         record = record.with_(state="relocating")
-        self.store.save(record)
+        self._save(record)
         live = _Live(fraction=record.progress, start_fraction=record.progress)
         done = threading.Event()
 
@@ -214,7 +224,7 @@ class JobRunner:
                 if held.lost.is_set():
                     return  # the job's record is another runner's to write now
                 record = self._snapshot(record, live)
-                self.store.save(record)
+                self._save(record)
                 if progress:
                     progress(record.progress, record)
 
@@ -229,7 +239,7 @@ class JobRunner:
         held.check()
         live.fraction = 1.0
         record = self._snapshot(record, live)
-        self.store.save(record)
+        self._save(record)
         if progress:
             progress(1.0, record)
         return record
@@ -257,6 +267,8 @@ class JobRunner:
             log.error("job %s: %s", record.id, exc.message)
         except Exception:
             log.exception("job %s: unexpected failure", record.id)
+        finally:
+            self.metrics.held.release(record.id)  # another runner's, or nobody's, now
 
     def serve(self, poll_seconds: float = 2.0, once: bool = False,
               only: str | None = None) -> None:
@@ -273,7 +285,9 @@ class JobRunner:
                     for job_id in [j for j, f in running.items() if f.done()]:
                         del running[job_id]
                     try:
-                        active = [r for r in self.store.list()
+                        records = self.store.list()
+                        self.metrics.count(records)
+                        active = [r for r in records
                                   if r.state in ACTIVE and only in (None, r.id)]
                     except UserError as exc:  # Ceph away: try again, keep what runs
                         log.error("job runner: %s", exc.message)
