@@ -13,7 +13,7 @@ install-openstack: install
 	@bash scripts/install-openstack.sh
 
 demo: install
-	@DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
+	@DEMO_DIR=$(DEMO_DIR) $(PY) scripts/demo.py
 
 demo-down:
 	@$(VENV)/bin/rbd-restore dev down --dir $(DEMO_DIR)/cluster --purge

@@ -8,13 +8,19 @@ result is cached in .cache/guest/ and rebuilt only when this script changes.
 The guest's /sbin/init reads its data set, prints each file's sha256 and the
 marker line, writes /written-by-guest, syncs and powers off. guest.json records
 the expected checksums and the marker, for the tests and the demo.
+
+``--disk-size`` and ``--bulk`` make the demo's volume: a larger file system that
+also holds ``--bulk`` bytes of application data in /srv, which the boot does
+not read (incompressible, like most data that matters).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -128,7 +134,20 @@ def data_bytes(name: str, size: int) -> bytes:
     return bytes(out[:size])
 
 
-def build(out: Path) -> dict[str, object]:
+BULK_FILE_BYTES = 256 << 20
+
+
+def write_bulk(directory: Path, total: int) -> None:
+    directory.mkdir(parents=True)
+    for index in range((total + BULK_FILE_BYTES - 1) // BULK_FILE_BYTES):
+        size = min(BULK_FILE_BYTES, total - index * BULK_FILE_BYTES)
+        with open(directory / f"bulk{index:03d}.bin", "wb") as target:
+            generator = random.Random(index)
+            for _ in range(0, size, 16 << 20):
+                target.write(generator.randbytes(min(16 << 20, size - target.tell())))
+
+
+def build(out: Path, disk_bytes: int = DISK_BYTES, bulk_bytes: int = 0) -> dict[str, object]:
     release = kernel_release()
     busybox = shutil.which("busybox") or "/bin/busybox"
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,32 +180,44 @@ def build(out: Path) -> dict[str, object]:
             content = data_bytes(name, size)
             (rootfs / name).write_bytes(content)
             sums[name] = hashlib.sha256(content).hexdigest()
+        if bulk_bytes:
+            write_bulk(rootfs / "srv", bulk_bytes)
         image = out / "root.img.tmp"
         image.unlink(missing_ok=True)
+        # One inode per MiB: a large disk's inode tables stay small (and sparse).
         subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^metadata_csum,^64bit",
-                        "-E", "root_owner=0:0", "-L", "guestroot", "-d", str(rootfs),
-                        str(image), str(DISK_BYTES // 1024)], check=True)
+                        "-i", str(1 << 20), "-E", "root_owner=0:0,lazy_itable_init=1",
+                        "-L", "guestroot", "-d", str(rootfs),
+                        str(image), str(disk_bytes // 1024)], check=True)
     shutil.copy(f"/boot/vmlinuz-{release}", out / "vmlinuz")
     os.replace(out / "initrd.img.tmp", out / "initrd.img")
     os.replace(out / "root.img.tmp", out / "root.img")
     return {"kernel_release": release, "marker": MARKER, "sums": sums,
-            "disk_bytes": DISK_BYTES, "written_file": "/written-by-guest"}
+            "disk_bytes": disk_bytes, "bulk_bytes": bulk_bytes,
+            "written_file": "/written-by-guest"}
 
 
 def main() -> int:
-    OUT.mkdir(parents=True, exist_ok=True)
-    stamp = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-    manifest_path = OUT / "guest.json"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--disk-size", type=int, default=DISK_BYTES, help="bytes")
+    parser.add_argument("--bulk", type=int, default=0, help="bytes of data in /srv")
+    args = parser.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = hashlib.sha256(Path(__file__).read_bytes()
+                           + f"{args.disk_size}:{args.bulk}".encode()).hexdigest()[:16]
+    manifest_path = out / "guest.json"
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text())
         if existing.get("stamp") == stamp and all(
-                (OUT / f).exists() for f in ("vmlinuz", "initrd.img", "root.img")):
-            print(f"guest: cached in {OUT}")
+                (out / f).exists() for f in ("vmlinuz", "initrd.img", "root.img")):
+            print(f"guest: cached in {out}")
             return 0
-    info = build(OUT)
+    info = build(out, args.disk_size, args.bulk)
     info["stamp"] = stamp
     manifest_path.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"guest: built in {OUT} (kernel {info['kernel_release']})")
+    print(f"guest: built in {out} (kernel {info['kernel_release']})")
     return 0
 
 

@@ -88,6 +88,7 @@ class SessionBook:
         clock = read_clock(self.repo.store, key, record.encode())
         self._check_not_deleted(record, clock, key)
         sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes,
+                 "allocation_marks": manifest.allocation_marks(),
                  "snapshots": list(claim.history)}
         session = Session(claim.session_id, backup_id, claim.created, self.url_for(claim))
         return session, sizes, manifest

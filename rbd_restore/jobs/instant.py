@@ -45,8 +45,10 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
                 session = control.create(backup_id, rate_limit_bytes_per_s, history,
                                          job_id=record.id, image=str(ref))
                 session_id = session["session_id"]
+                marks = session.get("allocation_marks") or []
                 record = record.with_(session_id=session_id,
-                                      bytes_total=int(session.get("allocated_bytes", 0)))
+                                      bytes_total=int(session.get("allocated_bytes", 0)),
+                                      allocation_marks=tuple(float(m) for m in marks))
                 store.save(record)
                 lazy_clone.prepare(ioctx, ref.name, session["url"])
             except BaseException as exc:

@@ -216,7 +216,8 @@ class JobRunner:
 
         def on_progress(offset: int, total: int) -> None:
             with live.lock:
-                live.fraction = max(live.fraction, offset / total if total else 1.0)
+                position = offset / total if total else 1.0
+                live.fraction = max(live.fraction, record.data_progress(position))
 
         def persist() -> None:
             nonlocal record

@@ -10,6 +10,7 @@ the runner dies, so a restarted or other runner resumes it.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime as dt
 import json
@@ -58,10 +59,28 @@ class JobRecord:
     attempts: int = 0  # relocation attempts in a row that failed without progress
     replaces: str = ""  # the image this restore replaced, kept aside until the commit
     image_id: str = ""  # the RBD image id: the job follows the image if it is renamed
+    # Manifest.allocation_marks of the backup: librbd reports the relocation's position
+    # among the image's objects; these make it the share of the data copied.
+    allocation_marks: tuple[float, ...] = ()
 
     @property
     def spec(self) -> str:
         return f"{self.pool}/{self.image}"
+
+    def data_progress(self, position: float) -> float:
+        """The share of the allocated bytes below ``position``, a fraction of the image
+        (as librbd reports a relocation's progress); ``position`` itself without marks."""
+        marks = self.allocation_marks
+        if len(marks) < 2:
+            return position
+        if position <= marks[0]:
+            return 0.0
+        if position >= marks[-1]:
+            return 1.0
+        step = bisect.bisect_right(marks, position) - 1
+        low, high = marks[step], marks[step + 1]
+        within = (position - low) / (high - low) if high > low else 1.0
+        return (step + within) / (len(marks) - 1)
 
     @property
     def bytes_relocated(self) -> int:
@@ -116,6 +135,11 @@ class JobRecord:
             wanted = _FIELD_TYPES[spec.name]
             if isinstance(value, bool) or not isinstance(value, wanted):
                 raise ValueError(f"field {spec.name} has the wrong type")
+            if wanted is list:
+                if not all(isinstance(v, int | float) and not isinstance(v, bool)
+                           and 0 <= v <= 1 for v in value) or value != sorted(value):
+                    raise ValueError(f"field {spec.name} is not rising fractions")
+                value = tuple(float(v) for v in value)
             values[spec.name] = float(value) if wanted == (int, float) else value
         record = cls(**values)
         if record.id != key:
@@ -141,7 +165,8 @@ class JobRecord:
 
 _FIELD_TYPES: dict[str, type[Any] | tuple[type[Any], ...]] = {
     f.name: (int, float) if f.type in ("float", float) else
-    int if f.type in ("int", int) else str
+    int if f.type in ("int", int) else
+    list if str(f.type).startswith("tuple") else str
     for f in dataclasses.fields(JobRecord)}
 
 

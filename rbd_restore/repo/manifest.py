@@ -93,6 +93,25 @@ class Manifest:
     def unique_chunk_ids(self) -> set[str]:
         return {cid for cid in self.chunks if cid is not None}
 
+    def allocation_marks(self, points: int = 100) -> list[float]:
+        """Where in the image (as a fraction of its size) each ``1/points`` of the
+        allocated bytes is reached: ``points + 1`` rising fractions, from where the
+        data starts to where it ends. A relocation walks the image's objects in order;
+        these turn its position into the share of the data copied."""
+        total = self.allocated_bytes
+        if total == 0 or self.image_size == 0:
+            return []
+        marks: list[float] = []
+        done = 0
+        for index, _ in self.allocated():
+            length = self.chunk_length(index)
+            start = index * self.chunk_size
+            while len(marks) <= points and done + length >= total * len(marks) / points:
+                within = total * len(marks) / points - done
+                marks.append(round((start + within) / self.image_size, 6))
+            done += length
+        return marks
+
 
 def chunk_count(image_size: int, chunk_size: int) -> int:
     return -(-image_size // chunk_size)
