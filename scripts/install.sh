@@ -36,9 +36,9 @@ fi
 # Reinstall only when the declared dependencies change.
 stamp=".venv/.rbd-restore-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ] || ! .venv/bin/python -c 'import rbd_restore, rados, rbd' 2>/dev/null; then
-  echo "install: pip install -e .[test,openstack]"
+  echo "install: pip install -e .[test,openstack,bench]"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test,openstack]'
+  .venv/bin/python -m pip install -q -e '.[test,openstack,bench]'
   rm -f .venv/.rbd-restore-*
   touch "$stamp"
 fi

@@ -29,6 +29,7 @@ class Vm:
     hold_seconds: int = 0
     writes: int = 0  # 1 MiB files the guest writes, syncs and reads back (guest init)
     write_every: int = 1
+    qmp: Path | None = None  # a QMP socket, for block statistics (bench/timelines.py)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -38,12 +39,13 @@ class Vm:
         if self.writes:
             append += f" rbdrestore.writes={self.writes} rbdrestore.every={self.write_every}"
         self.console.unlink(missing_ok=True)
+        monitor = ["-qmp", f"unix:{self.qmp},server=on,wait=off"] if self.qmp else []
         self.proc = subprocess.Popen(
             ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none",
              "-no-reboot", "-monitor", "none", "-serial", f"file:{self.console}",
              "-kernel", str(self.guest / "vmlinuz"), "-initrd", str(self.guest / "initrd.img"),
              "-append", append,
-             "-drive", f"file={self.drive},format=raw,if=virtio,cache=writeback"],
+             "-drive", f"file={self.drive},format=raw,if=virtio,cache=writeback", *monitor],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def output(self) -> str:
