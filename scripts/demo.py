@@ -33,6 +33,7 @@ RR = str(BIN / "rbd-restore")
 DISK_BYTES = 20 << 30
 BULK_BYTES = int(float(os.environ.get("DEMO_DATA_GIB", "3")) * (1 << 30))
 RTT_MS, LINK_BYTES_PER_S = 20.0, 100e6
+OSD_SIZE = f"{max(16, int(BULK_BYTES * 4 * 1.5) >> 30) + 4}G"
 GUEST = REPO / ".cache" / f"guest-demo-{DISK_BYTES >> 30}g-{BULK_BYTES >> 20}m"
 MARKER = "RBD-RESTORE-GUEST-BOOTED"
 
@@ -136,8 +137,10 @@ def cluster(demo: Demo) -> None:
         say(f"{root} holds an older demo cluster (memstore): replacing it")
         run(RR, "dev", "down", "--dir", str(root), "--purge")
     started = time.monotonic()
+    # A run holds four copies of the data (volume, backup, two restores) at most; the
+    # previous run's are freed first. The sparse file grows to what was written.
     run(RR, "dev", "up", "--dir", str(root), "--objectstore", "bluestore", "--osd-size",
-        "48G", quiet=True)
+        OSD_SIZE, quiet=True)
     say(f"mon, mgr, a bluestore OSD (sparse file) and RGW on 127.0.0.1 "
         f"({time.monotonic() - started:.0f} s)")
     demo.conf = str(root / "ceph.conf")
@@ -186,6 +189,10 @@ def clean_previous_run(demo: Demo) -> None:
             if page.get("Contents"):
                 s3.delete_objects(Bucket=settings.bucket, Delete={
                     "Objects": [{"Key": o["Key"]} for o in page["Contents"]]})
+        # RGW frees deleted objects' data two hours later by default: now, so that the
+        # OSD reuses the space instead of growing its file.
+        subprocess.run(["radosgw-admin", "-c", demo.conf, "gc", "process", "--include-all"],
+                       capture_output=True, check=False)
     last.unlink()
 
 
