@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -81,6 +82,8 @@ class FetcherSettings:
     cold_prefetch: str = "8M"
     prime_sessions: int = 1  # 0: no profile, heuristic or first window when a session opens
     pad_headers: int = 1  # 0: no padding header (fetcher/headers.py says why it is there)
+    untrusted_seconds: int = 10  # a connection without a valid request is closed after this
+    max_untrusted_connections: int = 256  # per listener; the oldest beyond it are closed
 
     @property
     def data_url(self) -> str:
@@ -164,6 +167,10 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
     for name in ("connect_timeout", "read_timeout"):
         if getattr(s3, name) < 1:
             raise ConfigError(f"config field s3.{name}: must be at least 1 second")
+    fetcher: FetcherSettings = sections["fetcher"]
+    for name in ("untrusted_seconds", "max_untrusted_connections"):
+        if getattr(fetcher, name) < 1:
+            raise ConfigError(f"config field fetcher.{name}: must be at least 1")
     return Config(ceph=sections["ceph"], s3=s3, pools=sections["pools"],
                   fetcher=sections["fetcher"], source=source)
 
@@ -180,6 +187,7 @@ def load(explicit: str | None = None) -> Config:
     path = config_path(explicit)
     try:
         text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
@@ -188,7 +196,24 @@ def load(explicit: str | None = None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    _check_private(path, mode, raw)
     return from_mapping(raw, source=str(path))
+
+
+SECRET_FIELDS = (("s3", "access_key"), ("s3", "secret_key"), ("fetcher", "secret"),
+                 ("fetcher", "control_token"))
+
+
+def _check_private(path: Path, mode: int, raw: Mapping[str, Any]) -> None:
+    """Refuse a file every user can change, or read when it holds a secret: it would
+    hand them the bucket, or sessions to every backup."""
+    if mode & stat.S_IWOTH:
+        raise ConfigError(f"config file {path} can be changed by every user: chmod o-w {path}")
+    held = [f"{section}.{key}" for section, key in SECRET_FIELDS
+            if isinstance(raw.get(section), dict) and raw[section].get(key)]
+    if held and mode & stat.S_IROTH:
+        raise ConfigError(f"config file {path} holds {held[0]} and every user can read it: "
+                          f"chmod o-r {path}")
 
 
 def require(value: str, name: str) -> str:

@@ -14,6 +14,9 @@ and throw them away cost the fetcher a third of its CPU and the host a disk's
 worth of writes per restore. The cache remembers which
 chunks prefetch brought in and not yet served, to count them used or wasted,
 and takes eviction hints: a demoted chunk is the next to go.
+
+The directory is 0700 and every file 0600 whatever the umask: cached chunks
+are restored volumes' data, for the fetcher's user alone.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 MAX_SPILLING = 8  # chunks on their way from memory to disk at once; more are dropped
 HOT_SECONDS = 30.0  # a chunk staged in memory this long ago and not read yet may be dropped
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
 
 Fetch = Callable[[str, int, Executor], Awaitable[bytes]]
 """Fetch and verify chunk ``chunk_id`` of ``length`` bytes, blocking work on the executor."""
@@ -68,11 +73,19 @@ class ChunkCache:
         self._load()
 
     def _load(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        # An older fetcher (or a hand-made directory) may have left it open to others.
+        try:
+            os.chmod(self.directory, DIRECTORY_MODE)
+        except OSError as exc:
+            log.warning("cache directory %s cannot be made private: %s", self.directory,
+                        exc.strerror)
         found: list[tuple[float, str, int]] = []
         for entry in os.scandir(self.directory):
             if CHUNK_ID.match(entry.name):
                 stat = entry.stat()
+                if stat.st_mode & 0o077:
+                    os.chmod(entry.path, FILE_MODE)
                 found.append((stat.st_mtime, entry.name, stat.st_size))
             elif entry.name.endswith(".tmp"):
                 os.unlink(entry.path)
@@ -279,7 +292,8 @@ class ChunkCache:
     def _write(self, chunk_id: str, data: bytes) -> None:
         tmp = self.directory / f"{chunk_id}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            with open(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, self.path(chunk_id))
         except BaseException:

@@ -32,17 +32,19 @@ Prime = Callable[[str, int, Manifest, tuple[str, ...]], Awaitable[None]]
 
 class ControlPlane:
     def __init__(self, token: bytes, book: SessionBook, prefetch: Prefetcher,
-                 metrics: FetcherMetrics, blocking: Blocking, prime: Prime) -> None:
+                 metrics: FetcherMetrics, blocking: Blocking, prime: Prime,
+                 trust: Callable[[web.Request], None] = lambda _request: None) -> None:
         self.token = token
         self.book = book
         self.prefetch = prefetch
         self.metrics = metrics
         self.blocking = blocking
         self.prime = prime
+        self.trust = trust
         self.background: set[asyncio.Task[None]] = set()
 
-    def app(self) -> web.Application:
-        control = web.Application(middlewares=[self.guard])
+    def app(self, max_body_bytes: int = 1 << 20) -> web.Application:
+        control = web.Application(middlewares=[self.guard], client_max_size=max_body_bytes)
         control.router.add_post("/v1/sessions", self.create_session)
         control.router.add_get("/v1/sessions", self.list_sessions)
         control.router.add_delete("/v1/sessions/{session_id}", self.close_session)
@@ -55,7 +57,11 @@ class ControlPlane:
                     ) -> web.StreamResponse:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), b"Bearer " + self.token):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+            response = web.json_response({"error": "missing or wrong bearer token"},
+                                         status=401)
+            response.force_close()
+            return response
+        self.trust(request)
         try:
             return await handler(request)
         except web.HTTPException:

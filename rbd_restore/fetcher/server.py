@@ -38,6 +38,16 @@ from rbd_restore.errors import (
 from rbd_restore.fetcher.activation import LISTENERS, inherited_sockets
 from rbd_restore.fetcher.control import ControlPlane
 from rbd_restore.fetcher.headers import SERVER, padded
+from rbd_restore.fetcher.limits import (
+    CONTROL_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_LINE_BYTES,
+    SHORT_IDLE_SECONDS,
+    TRUSTED_IDLE_SECONDS,
+    ConnectionGuard,
+    close_after_reply,
+    raise_open_file_limit,
+)
 from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from rbd_restore.fetcher.sessions import SessionBook
 from rbd_restore.prefetch.coordinator import Prefetcher, PrefetchSettings
@@ -52,7 +62,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WINDOW = 64 << 20  # a reply is assembled at most this much at a time
-IDLE_SECONDS = 24 * 3600  # librbd keeps one connection per open image: never cut it short
 CLOSED_REFRESH_SECONDS = 2.0
 VIEWS_KEPT = 32
 SESSIONS_TRACKED = 4096  # sessions whose pacing state is kept (LRU)
@@ -108,8 +117,12 @@ class FetcherService:
         self.paced_until: dict[str, float] = {}
         self.pad_headers = fc.pad_headers != 0
         self.padded_connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self.guards = {name: ConnectionGuard(fc.untrusted_seconds, fc.max_untrusted_connections,
+                                             idle_seconds=TRUSTED_IDLE_SECONDS if name == "data"
+                                             else SHORT_IDLE_SECONDS)
+                       for name in LISTENERS}
         self.control = ControlPlane(token, self.book, self.prefetch, self.metrics, self.blocking,
-                                    self._prime)
+                                    self._prime, self.guards["control"].trust)
 
     def _count_s3_retry(self, kind: str) -> None:
         self.metrics.s3_retries.inc()
@@ -165,12 +178,13 @@ class FetcherService:
     async def _data(self, request: web.Request) -> web.StreamResponse:
         parts = request.rel_url.raw_path.split("/")
         if len(parts) != 5 or parts[:3] != ["", "v1", "s"] or parts[4] != "disk.qcow2":
-            return _plain(404, "not found")
+            return close_after_reply(_plain(404, "not found"))
         if request.method not in ("GET", "HEAD"):
-            return _plain(405, "only GET and HEAD", {"Allow": "GET, HEAD"})
+            return close_after_reply(_plain(405, "only GET and HEAD", {"Allow": "GET, HEAD"}))
         claim = self.book.claim_of(parts[3])
         if claim is None or self.book.is_closed_cached(claim.session_id):
-            return _plain(404, "not found")
+            return close_after_reply(_plain(404, "not found"))
+        self.guards["data"].trust(request)
         try:
             if request.method == "HEAD" and await self.blocking(
                     self.book.is_closed_in_bucket, claim.session_id):
@@ -289,7 +303,8 @@ class FetcherService:
             return
         self.prefetch.session(session_id, created, view)
 
-    async def handle_metrics(self, _request: web.Request) -> web.Response:
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        self.guards["metrics"].trust(request)
         self.metrics.cache_bytes.set(self.cache.total)
         self.metrics.memory_cache_bytes.set(self.cache.hot_total)
         self.metrics.cache_limit_bytes.set(self.cache.max_bytes)
@@ -305,7 +320,7 @@ class FetcherService:
     def apps(self) -> tuple[web.Application, web.Application, web.Application]:
         data = web.Application()
         data.router.add_route("*", "/{tail:.*}", self.handle_data)
-        control = self.control.app()
+        control = self.control.app(CONTROL_BODY_BYTES)
         metrics = web.Application()
         metrics.router.add_get("/metrics", self.handle_metrics)
         return data, control, metrics
@@ -321,15 +336,21 @@ class FetcherService:
         # 5 ms switch interval the event loop, and every guest read, waits that long for
         # the GIL behind them.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        raise_open_file_limit()
         await self.blocking(self.repo.store.check_bucket)
         await self.blocking(self.book.refresh_closed)
         runners: list[web.AppRunner] = []
+        guarding: list[asyncio.Future[None]] = []
         for app, name, listen in zip(self.apps(), LISTENERS,
                                      (self.listeners.data, self.listeners.control,
                                       self.listeners.metrics), strict=True):
-            runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS,
-                                   handle_signals=False)
+            # Short idle time (and header deadline) for all; guard.trust lengthens it.
+            runner = web.AppRunner(app, access_log=None, keepalive_timeout=SHORT_IDLE_SECONDS,
+                                   max_line_size=MAX_LINE_BYTES,
+                                   max_field_size=MAX_HEADER_BYTES, handle_signals=False)
             await runner.setup()
+            assert runner.server is not None
+            guarding.append(asyncio.ensure_future(self.guards[name].run(runner.server)))
             site: web.BaseSite
             if name in self.inherited:
                 site = web.SockSite(runner, self.inherited[name])
@@ -352,6 +373,8 @@ class FetcherService:
             await asyncio.Event().wait()
         finally:
             refresher.cancel()
+            for task in guarding:
+                task.cancel()
             await self.prefetch.stop()
             for runner in runners:
                 await runner.cleanup()

@@ -11,7 +11,29 @@ from rbd_restore.errors import ConfigError
 def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "c.toml"
     path.write_text(text)
+    path.chmod(0o640)
     return str(path)
+
+
+def test_a_file_every_user_can_read_is_refused_when_it_holds_a_secret(
+        tmp_path: Path) -> None:
+    path = write(tmp_path, '[fetcher]\nsecret = "s"\n')
+    Path(path).chmod(0o644)
+    with pytest.raises(ConfigError, match=r"holds fetcher.secret and every user can read "
+                       r"it: chmod o-r"):
+        config.load(path)
+    Path(path).chmod(0o640)  # the usual root:rbd-restore 0640 is fine
+    assert config.load(path).fetcher.secret == "s"
+
+
+def test_a_file_without_secrets_may_be_readable_but_never_writable_by_all(
+        tmp_path: Path) -> None:
+    path = write(tmp_path, '[s3]\nbucket = "b"\n')
+    Path(path).chmod(0o644)
+    assert config.load(path).s3.bucket == "b"
+    Path(path).chmod(0o646)
+    with pytest.raises(ConfigError, match="can be changed by every user"):
+        config.load(path)
 
 
 def test_full_file_round_trips_through_render(tmp_path: Path,
