@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from rbd_restore.config import CephSettings
-from rbd_restore.errors import NotFoundError, UnavailableError, UsageError
+from rbd_restore.errors import (
+    NotFoundError,
+    UnavailableError,
+    UsageError,
+    ceph_permission_error,
+)
 
 IMAGE_NAME = re.compile(r"^[^/@\s]{1,256}$")  # also what a pool name may be here
 
@@ -70,6 +75,11 @@ class Cluster:
             raise NotFoundError(f"pool {pool} does not exist") from None
         try:
             yield ioctx
+        except Exception as exc:  # capabilities are checked per operation, not at open
+            denied = ceph_permission_error(exc, f"pool {pool}")
+            if denied is None:
+                raise
+            raise denied from None
         finally:
             ioctx.close()
 
@@ -88,11 +98,13 @@ def open_image(ioctx: Any, ref: ImageRef, snapshot: str | None = None,
                read_only: bool = False) -> Iterator[Any]:
     import rbd
 
+    what = f"{ref}@{snapshot}" if snapshot else str(ref)
     try:
         image = rbd.Image(ioctx, ref.name, snapshot=snapshot, read_only=read_only)
     except rbd.ImageNotFound:
-        what = f"{ref}@{snapshot}" if snapshot else str(ref)
         raise NotFoundError(f"image {what} does not exist") from None
+    except rbd.PermissionError as exc:
+        raise ceph_permission_error(exc, f"image {what}") or exc from None
     try:
         yield image
     finally:

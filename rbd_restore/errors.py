@@ -8,6 +8,8 @@ traceback goes to the debug log only.
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """A failure explained to the user in one line."""
@@ -63,3 +65,22 @@ class DevClusterError(UserError):
     """The embedded development cluster could not be started or stopped."""
 
     exit_code = 8
+
+
+class PermissionDenied(UserError):
+    """Ceph refused an operation to this Ceph user (its cephx capabilities)."""
+
+    exit_code = 1
+
+
+def ceph_permission_error(exc: BaseException, what: str = "") -> PermissionDenied | None:
+    """The one-line error for librados/librbd's EPERM/EACCES, else None: those come from
+    a cephx user without the capabilities docs/security.md gives its role."""
+    if type(exc).__module__ not in ("rados", "rbd"):
+        return None
+    if getattr(exc, "errno", None) not in (errno.EPERM, errno.EACCES):
+        return None
+    target = f" on {what}" if what else ""
+    return PermissionDenied(f"Ceph denied this user access{target} (its cephx capabilities "
+                            "need 'profile rbd pool=POOL' for every pool it backs up or "
+                            "restores into; docs/security.md)")

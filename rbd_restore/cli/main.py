@@ -16,7 +16,7 @@ from rbd_restore.cli.dev import dev_app
 from rbd_restore.cli.fetcher import fetcher_app
 from rbd_restore.cli.profile import profile_app
 from rbd_restore.cli.retention import forget
-from rbd_restore.errors import UserError
+from rbd_restore.errors import UserError, ceph_permission_error
 
 log = logging.getLogger("rbd_restore")
 
@@ -89,6 +89,10 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:
         log.debug("unexpected failure", exc_info=True)
+        denied = ceph_permission_error(exc)
+        if denied is not None:
+            typer.echo(f"rbd-restore: error: {denied.message}", err=True)
+            sys.exit(denied.exit_code)
         typer.echo(f"rbd-restore: internal error: {type(exc).__name__}: "
                    f"{' '.join(str(exc).split())} (run with --log-level debug for details)",
                    err=True)
