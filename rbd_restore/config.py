@@ -66,6 +66,8 @@ class FetcherSettings:
     control_listen: str = "127.0.0.1:8471"
     control_url: str = ""
     control_token: str = field(default="", repr=False)
+    runner_token: str = field(default="", repr=False)  # may close sessions and read state
+    monitor_token: str = field(default="", repr=False)  # may read state only
     secret: str = field(default="", repr=False)
     metrics_listen: str = "127.0.0.1:8472"
     cache_dir: str = "/var/cache/rbd-restore"
@@ -171,6 +173,11 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
     for name in ("untrusted_seconds", "max_untrusted_connections"):
         if getattr(fetcher, name) < 1:
             raise ConfigError(f"config field fetcher.{name}: must be at least 1")
+    tokens = [t for t in (fetcher.control_token, fetcher.runner_token, fetcher.monitor_token)
+              if t]
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError("config fields fetcher.control_token, runner_token and "
+                          "monitor_token must all differ: each names a role")
     return Config(ceph=sections["ceph"], s3=s3, pools=sections["pools"],
                   fetcher=sections["fetcher"], source=source)
 
@@ -201,7 +208,8 @@ def load(explicit: str | None = None) -> Config:
 
 
 SECRET_FIELDS = (("s3", "access_key"), ("s3", "secret_key"), ("fetcher", "secret"),
-                 ("fetcher", "control_token"))
+                 ("fetcher", "control_token"), ("fetcher", "runner_token"),
+                 ("fetcher", "monitor_token"))
 
 
 def _check_private(path: Path, mode: int, raw: Mapping[str, Any]) -> None:

@@ -1,8 +1,10 @@
-"""The fetcher's control plane: create, list and close sessions (bearer token).
+"""The fetcher's control plane: create, list and close sessions (bearer tokens).
 
 ``/v1/sessions`` as docs/fetcher-api.md specifies. A new session is handed to
 ``prime`` at once, so the cache starts filling before any client opens the
-image.
+image. Each bearer token has a role: the control token may do everything; a
+runner token may close sessions and read their state (a job runner never opens
+one); a monitor token may only read, and never sees a session's URL.
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ Prime = Callable[[str, int, Manifest, tuple[str, ...]], Awaitable[None]]
 """(session id, created, the backup's manifest, history) -> cache primed for it."""
 
 
+ADMIN = frozenset({"create", "close", "read", "urls"})
+RUNNER = frozenset({"close", "read"})
+MONITOR = frozenset({"read"})
+NEEDED = {"POST": "create", "DELETE": "close", "GET": "read"}
+
+
 class ControlPlane:
-    def __init__(self, token: bytes, book: SessionBook, prefetch: Prefetcher,
+    def __init__(self, tokens: dict[bytes, frozenset[str]], book: SessionBook, prefetch: Prefetcher,
                  metrics: FetcherMetrics, blocking: Blocking, prime: Prime,
                  trust: Callable[[web.Request], None] = lambda _request: None) -> None:
-        self.token = token
+        self.tokens = tokens
         self.book = book
         self.prefetch = prefetch
         self.metrics = metrics
@@ -55,13 +63,22 @@ class ControlPlane:
     async def guard(self, request: web.Request,
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), b"Bearer " + self.token):
+        given = request.headers.get("Authorization", "").encode()
+        allowed: frozenset[str] = frozenset()
+        for token, scopes in self.tokens.items():  # every token compared: constant time
+            if hmac.compare_digest(given, b"Bearer " + token):
+                allowed = scopes
+        if not allowed:
             response = web.json_response({"error": "missing or wrong bearer token"},
                                          status=401)
             response.force_close()
             return response
         self.trust(request)
+        request["scopes"] = allowed
+        needed = NEEDED.get(request.method, "create")
+        if needed not in allowed:
+            return web.json_response({"error": f"this token may not {needed} sessions "
+                                      "(it belongs to a narrower role)"}, status=403)
         try:
             return await handler(request)
         except web.HTTPException:
@@ -102,10 +119,14 @@ class ControlPlane:
         self._spawn(self._count_sessions())
         return web.json_response({**session.as_json(), **sizes}, status=201)
 
-    async def list_sessions(self, _request: web.Request) -> web.Response:
+    async def list_sessions(self, request: web.Request) -> web.Response:
         sessions = await self.blocking(self.book.list)
         self.metrics.sessions_open.set(len(sessions))
-        return web.json_response({"sessions": [s.as_json() for s in sessions]})
+        listed = [s.as_json() for s in sessions]
+        if "urls" not in request["scopes"]:  # a URL opens its backup: not for readers
+            for entry in listed:
+                del entry["url"]
+        return web.json_response({"sessions": listed})
 
     async def close_session(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]

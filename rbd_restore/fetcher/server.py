@@ -36,7 +36,7 @@ from rbd_restore.errors import (
     UserError,
 )
 from rbd_restore.fetcher.activation import LISTENERS, inherited_sockets
-from rbd_restore.fetcher.control import ControlPlane
+from rbd_restore.fetcher.control import ADMIN, MONITOR, RUNNER, ControlPlane
 from rbd_restore.fetcher.headers import SERVER, padded
 from rbd_restore.fetcher.limits import (
     CONTROL_BODY_BYTES,
@@ -90,7 +90,9 @@ class FetcherService:
                             ("fetcher.control_listen", self.listeners.control),
                             ("fetcher.metrics_listen", self.listeners.metrics)):
             split_hostport(value, name)
-        token = require(fc.control_token, "fetcher.control_token").encode()
+        tokens = {require(fc.control_token, "fetcher.control_token").encode(): ADMIN}
+        tokens.update({t.encode(): scopes for t, scopes in
+                       ((fc.runner_token, RUNNER), (fc.monitor_token, MONITOR)) if t})
         secret = require(fc.secret, "fetcher.secret").encode()
         data_url = fc.public_url.rstrip("/") if fc.public_url else f"http://{self.listeners.data}"
         self.metrics = FetcherMetrics()
@@ -121,7 +123,7 @@ class FetcherService:
                                              idle_seconds=TRUSTED_IDLE_SECONDS if name == "data"
                                              else SHORT_IDLE_SECONDS)
                        for name in LISTENERS}
-        self.control = ControlPlane(token, self.book, self.prefetch, self.metrics, self.blocking,
+        self.control = ControlPlane(tokens, self.book, self.prefetch, self.metrics, self.blocking,
                                     self._prime, self.guards["control"].trust)
 
     def _count_s3_retry(self, kind: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import random
 import signal
 import socket
@@ -227,6 +228,34 @@ def test_control_plane_needs_the_bearer_token(fetcher: FetcherProcess,
     assert status == 404
     status, body = fetcher.control("POST", "/v1/sessions", {"backup_id": "x"})
     assert status == 400
+
+
+def test_runner_and_monitor_tokens_have_narrower_roles(
+        cluster: devcluster.ClusterInfo, backup: dict[str, Any], tmp_path: Path) -> None:
+    tokens = {"RBD_RESTORE_FETCHER_RUNNER_TOKEN": "runner-" + uuid.uuid4().hex,
+              "RBD_RESTORE_FETCHER_MONITOR_TOKEN": "monitor-" + uuid.uuid4().hex}
+    scoped = FetcherProcess(cluster, tmp_path / "cache", backup["prefix"], dict(tokens))
+    scoped.start()
+    try:
+        runner, monitor = tokens.values()
+        new = {"backup_id": backup["backup_id"]}
+        for token in (runner, monitor):
+            status, body = scoped.control("POST", "/v1/sessions", new, token=token)
+            assert status == 403 and "may not create" in body["error"]
+        session = scoped.create_session(backup["backup_id"])
+        sid = session["session_id"]
+        for token in (runner, monitor):
+            status, body = scoped.control("GET", "/v1/sessions", token=token)
+            assert status == 200 and sid in {s["session_id"] for s in body["sessions"]}
+            assert session["url"] not in json.dumps(body)  # a URL opens the backup
+            assert scoped.control("GET", f"/v1/sessions/{sid}/prefetch", token=token)[0] == 200
+        assert scoped.control("GET", "/v1/sessions")[1]["sessions"][0]["url"] == session["url"]
+        assert scoped.control("DELETE", f"/v1/sessions/{sid}", token=monitor)[0] == 403
+        assert request(session["url"], headers={"Range": "bytes=0-9"})[0] == 206
+        assert scoped.control("DELETE", f"/v1/sessions/{sid}", token=runner)[0] == 200
+        assert request(session["url"], headers={"Range": "bytes=0-9"})[0] == 404
+    finally:
+        scoped.stop()
 
 
 def test_cli_sessions_and_errors(fetcher: FetcherProcess, backup: dict[str, Any]) -> None:

@@ -129,3 +129,9 @@ def test_sign_payload_decides_what_a_put_declares(sign: int, signed: bool) -> No
     declared = seen["x-amz-content-sha256"]
     declared = declared.decode() if isinstance(declared, bytes) else declared
     assert (declared != "UNSIGNED-PAYLOAD") is signed
+
+
+def test_role_tokens_must_differ(tmp_path: Path) -> None:
+    path = write(tmp_path, '[fetcher]\ncontrol_token = "t"\nrunner_token = "t"\n')
+    with pytest.raises(ConfigError, match="must all differ"):
+        config.load(path)
