@@ -49,6 +49,7 @@ class S3Settings:
     max_attempts: int = 8
     sign_payload: int = 0  # 1: SigV4-sign request bodies (every stored object verifies itself)
     content_md5: int = 1  # 0: no Content-MD5 on uploads (RGW then stores a damaged body)
+    ca_bundle: str = ""  # CA certificates that verify an https endpoint; "": the system's
     connect_timeout: int = 5  # seconds
     read_timeout: int = 60  # seconds without a byte before a request is retried
 
@@ -68,6 +69,9 @@ class FetcherSettings:
     control_token: str = field(default="", repr=False)
     runner_token: str = field(default="", repr=False)  # may close sessions and read state
     monitor_token: str = field(default="", repr=False)  # may read state only
+    control_tls_cert: str = ""  # PEM certificate chain: the control plane serves only TLS
+    control_tls_key: str = ""  # its private key (PEM)
+    control_ca: str = ""  # clients: CA certificates that verify the control plane
     secret: str = field(default="", repr=False)
     metrics_listen: str = "127.0.0.1:8472"
     cache_dir: str = "/var/cache/rbd-restore"
@@ -94,7 +98,8 @@ class FetcherSettings:
 
     @property
     def control_base(self) -> str:
-        return (self.control_url or f"http://{self.control_listen}").rstrip("/")
+        scheme = "https" if self.control_tls_cert else "http"
+        return (self.control_url or f"{scheme}://{self.control_listen}").rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,9 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
     for name in ("untrusted_seconds", "max_untrusted_connections"):
         if getattr(fetcher, name) < 1:
             raise ConfigError(f"config field fetcher.{name}: must be at least 1")
+    if bool(fetcher.control_tls_cert) != bool(fetcher.control_tls_key):
+        raise ConfigError("config fields fetcher.control_tls_cert and control_tls_key "
+                          "go together: set both or neither")
     tokens = [t for t in (fetcher.control_token, fetcher.runner_token, fetcher.monitor_token)
               if t]
     if len(set(tokens)) != len(tokens):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
 
 from rbd_restore.config import FetcherSettings, require
 from rbd_restore.errors import NotFoundError, UnavailableError, UsageError, UserError
+from rbd_restore.fetcher.tls import client_context
 
 
 class ControlClient:
@@ -16,6 +18,7 @@ class ControlClient:
         self.base = settings.control_base
         self.token = require(settings.control_token, "fetcher.control_token")
         self.timeout = timeout
+        self.tls = client_context(self.base, settings.control_ca)
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -24,7 +27,8 @@ class ControlClient:
             headers={"Authorization": f"Bearer {self.token}",
                      "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+            with urllib.request.urlopen(request, timeout=self.timeout,
+                                        context=self.tls) as reply:
                 return json.loads(reply.read() or b"null")
         except urllib.error.HTTPError as exc:
             try:
@@ -36,6 +40,10 @@ class ControlClient:
             raise kind(f"fetcher: {message}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise UnavailableError(f"fetcher control plane at {self.base} presented a "
+                                       "certificate this host does not trust (set "
+                                       "fetcher.control_ca to the CA that signed it)") from None
             raise UnavailableError(f"fetcher control plane at {self.base} is unreachable "
                                    f"({reason})") from None
 

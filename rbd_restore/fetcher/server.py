@@ -50,6 +50,7 @@ from rbd_restore.fetcher.limits import (
 )
 from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from rbd_restore.fetcher.sessions import SessionBook
+from rbd_restore.fetcher.tls import server_context
 from rbd_restore.prefetch.coordinator import Prefetcher, PrefetchSettings
 from rbd_restore.prefetch.profiles import ProfileStore
 from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Qcow2View, Segment
@@ -119,6 +120,7 @@ class FetcherService:
         self.paced_until: dict[str, float] = {}
         self.pad_headers = fc.pad_headers != 0
         self.padded_connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self.control_tls = server_context(fc.control_tls_cert, fc.control_tls_key)
         self.guards = {name: ConnectionGuard(fc.untrusted_seconds, fc.max_untrusted_connections,
                                              idle_seconds=TRUSTED_IDLE_SECONDS if name == "data"
                                              else SHORT_IDLE_SECONDS)
@@ -354,11 +356,12 @@ class FetcherService:
             assert runner.server is not None
             guarding.append(asyncio.ensure_future(self.guards[name].run(runner.server)))
             site: web.BaseSite
+            tls = self.control_tls if name == "control" else None
             if name in self.inherited:
-                site = web.SockSite(runner, self.inherited[name])
+                site = web.SockSite(runner, self.inherited[name], ssl_context=tls)
             else:
                 host, port = split_hostport(listen, "listen")
-                site = web.TCPSite(runner, host, port, reuse_address=True)
+                site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
             try:
                 await site.start()
             except OSError as exc:

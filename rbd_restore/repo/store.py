@@ -103,8 +103,14 @@ def make_client(settings: S3Settings, max_connections: int = 32) -> S3Client:
         aws_secret_access_key=settings.secret_key or None,
         region_name=settings.region,
         config=config,
+        verify=settings.ca_bundle or None,  # https is always verified; this names the CA
     )
     return client
+
+
+def _untrusted_certificate(exc: Exception) -> bool:
+    return isinstance(exc, botocore.exceptions.SSLError) and (
+        "CERTIFICATE_VERIFY_FAILED" in str(exc) or "doesn't match" in str(exc))
 
 
 def content_md5(data: bytes | memoryview) -> str:
@@ -160,6 +166,10 @@ class ObjectStore:
                 self._fail(exc, key, attempt)
             except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, _Damaged,
                     ConnectionError) as exc:  # urllib3's: a body read that broke off
+                if _untrusted_certificate(exc):  # retrying cannot make it trusted
+                    raise UnavailableError(
+                        f"S3 at {self.endpoint} presented a certificate this host does not "
+                        "trust (set s3.ca_bundle to the CA that signed it)") from None
                 if attempt == self.attempts:
                     self._fail(exc, key, attempt)
                 reason = type(exc).__name__
