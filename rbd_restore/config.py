@@ -72,6 +72,7 @@ class FetcherSettings:
     control_tls_cert: str = ""  # PEM certificate chain: the control plane serves only TLS
     control_tls_key: str = ""  # its private key (PEM)
     control_ca: str = ""  # clients: CA certificates that verify the control plane
+    data_tls: int = 0  # 1: the data plane serves TLS too, with the control plane's certificate
     secret: str = field(default="", repr=False)
     metrics_listen: str = "127.0.0.1:8472"
     cache_dir: str = "/var/cache/rbd-restore"
@@ -94,7 +95,8 @@ class FetcherSettings:
     @property
     def data_url(self) -> str:
         """Base URL librbd uses: the public URL, or the listen address."""
-        return (self.public_url or f"http://{self.listen}").rstrip("/")
+        scheme = "https" if self.data_tls else "http"
+        return (self.public_url or f"{scheme}://{self.listen}").rstrip("/")
 
     @property
     def control_base(self) -> str:
@@ -181,6 +183,11 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
     if bool(fetcher.control_tls_cert) != bool(fetcher.control_tls_key):
         raise ConfigError("config fields fetcher.control_tls_cert and control_tls_key "
                           "go together: set both or neither")
+    if fetcher.data_tls not in (0, 1):
+        raise ConfigError("config field fetcher.data_tls: must be 0 or 1")
+    if fetcher.data_tls and not fetcher.control_tls_cert:
+        raise ConfigError("config field fetcher.data_tls needs fetcher.control_tls_cert and "
+                          "control_tls_key: the data plane serves the same certificate")
     tokens = [t for t in (fetcher.control_token, fetcher.runner_token, fetcher.monitor_token)
               if t]
     if len(set(tokens)) != len(tokens):

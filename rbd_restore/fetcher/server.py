@@ -95,7 +95,9 @@ class FetcherService:
         tokens.update({t.encode(): scopes for t, scopes in
                        ((fc.runner_token, RUNNER), (fc.monitor_token, MONITOR)) if t})
         secret = require(fc.secret, "fetcher.secret").encode()
-        data_url = fc.public_url.rstrip("/") if fc.public_url else f"http://{self.listeners.data}"
+        scheme = "https" if fc.data_tls else "http"
+        data_url = (fc.public_url.rstrip("/") if fc.public_url
+                    else f"{scheme}://{self.listeners.data}")
         self.metrics = FetcherMetrics()
         prefetch = PrefetchSettings.from_config(fc)
         self.executor = ThreadPoolExecutor(fc.s3_concurrency + 4, thread_name_prefix="fetcher")
@@ -121,6 +123,7 @@ class FetcherService:
         self.pad_headers = fc.pad_headers != 0
         self.padded_connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.control_tls = server_context(fc.control_tls_cert, fc.control_tls_key)
+        self.data_tls = fc.data_tls == 1
         self.guards = {name: ConnectionGuard(fc.untrusted_seconds, fc.max_untrusted_connections,
                                              idle_seconds=TRUSTED_IDLE_SECONDS if name == "data"
                                              else SHORT_IDLE_SECONDS)
@@ -356,7 +359,8 @@ class FetcherService:
             assert runner.server is not None
             guarding.append(asyncio.ensure_future(self.guards[name].run(runner.server)))
             site: web.BaseSite
-            tls = self.control_tls if name == "control" else None
+            tls = self.control_tls if name == "control" or (
+                name == "data" and self.data_tls) else None
             if name in self.inherited:
                 site = web.SockSite(runner, self.inherited[name], ssl_context=tls)
             else:

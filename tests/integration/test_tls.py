@@ -3,7 +3,9 @@ when configured) and S3 over https verified against a configured CA bundle."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import json
 import random
 import socket
 import urllib.parse
@@ -101,3 +103,33 @@ def test_s3_over_https_is_verified_against_the_ca_bundle(
         for env in ({"RBD_RESTORE_S3_CA_BUNDLE": str(other_ca.ca)}, {}):
             line = Cli(cluster, prefix, {**https, **env}).fails("backups", "list")
             assert "does not trust" in line and "s3.ca_bundle" in line
+
+
+def test_data_plane_over_tls_reaches_librbd_with_correct_bytes(
+        cluster: devcluster.ClusterInfo, rados_cluster: Any, image: str,
+        certificates: Certificates, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opt-in (fetcher.data_tls): librbd's https stream verifies the certificate with
+    OpenSSL's default paths, so the CA must be trusted where librbd runs."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates.ca))
+    prefix = f"tls-data-{uuid.uuid4().hex[:8]}/"
+    fetcher = FetcherProcess(cluster, tmp_path / "cache", prefix, {
+        "RBD_RESTORE_FETCHER_CONTROL_TLS_CERT": str(certificates.cert),
+        "RBD_RESTORE_FETCHER_CONTROL_TLS_KEY": str(certificates.key),
+        "RBD_RESTORE_FETCHER_CONTROL_CA": str(certificates.ca),
+        "RBD_RESTORE_FETCHER_DATA_TLS": "1"})
+    fetcher.start()
+    target = f"tls-dst-{uuid.uuid4().hex[:8]}"
+    with rados_cluster.open_ioctx("volumes") as ioctx:
+        try:
+            cli = Cli(cluster, prefix, fetcher.env_overrides)
+            backup = cli.json("backup", f"volumes/{image}")["backup_id"]
+            url = cli.json("fetcher", "session", "create", backup)["url"]
+            assert url.startswith("https://")
+            spec = json.dumps({"type": "qcow", "stream": {"type": "http", "url": url}})
+            rbd.RBD().migration_prepare_import(spec, ioctx, target)
+            with rbd.Image(ioctx, target) as staged, rbd.Image(ioctx, image) as source:
+                assert staged.read(0, 8 * MiB) == source.read(0, 8 * MiB)
+        finally:
+            with contextlib.suppress(rbd.ImageNotFound, rbd.InvalidArgument):
+                rbd.RBD().migration_abort(ioctx, target)
+            fetcher.stop()
