@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,18 @@ def assert_no_secrets(cluster: devcluster.ClusterInfo, site: dict[str, Any], ima
     meta = subprocess.run(["rbd", "-c", str(cluster.ceph_conf), "image-meta", "list",
                            f"volumes/{image}"], capture_output=True, text=True,
                           check=False).stdout
-    for text in (status, meta, fetcher.logs(), *texts):
+    metrics = urllib.request.urlopen(f"http://{fetcher.settings.metrics_listen}/metrics",
+                                     timeout=30).read().decode()
+    runner_logs = [p.read_text(errors="replace") for p in site["work"].glob("runner-*.log")]
+    for text in (status, meta, fetcher.logs(), metrics, *runner_logs, *texts):
         for secret in secrets:
             assert secret not in text
+
+
+def command_lines(*pids: int) -> list[str]:
+    """What `ps` shows every user of these processes."""
+    return [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            for pid in pids]
 
 
 def test_vm_boots_on_staged_image_then_relocation_and_commit(
@@ -54,6 +64,8 @@ def test_vm_boots_on_staged_image_then_relocation_and_commit(
         vm.wait_for("RBD-RESTORE-GUEST-WROTE")
         # The VM holds the exclusive lock: librbd forwards the relocation to QEMU.
         run = runner(site, "--once")
+        assert vm.proc is not None and site["fetcher"].proc is not None
+        argv = command_lines(vm.proc.pid, run.pid, site["fetcher"].proc.pid)
         assert run.wait(timeout=180) == 0
         final = job(site, started["job_id"])
         assert final["state"] == "committed" and final["percent"] == 100.0
@@ -64,7 +76,8 @@ def test_vm_boots_on_staged_image_then_relocation_and_commit(
     assert 1 <= differing <= 8
     allocated = cli.json("backups", "show", site["backup"]["backup_id"])["allocated_bytes"]
     assert du_used(cluster, f"volumes/{target}") <= allocated + differing * OBJECT
-    assert_no_secrets(cluster, site, target, status_while_staged)
+    assert_no_secrets(cluster, site, target, status_while_staged, *argv,
+                      cli.run("status", "--json").stdout)
     listed = {s["session_id"] for s in cli.json("fetcher", "session", "list")["sessions"]}
     assert final["session_id"] not in listed  # closed at commit
 
