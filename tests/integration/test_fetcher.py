@@ -249,7 +249,9 @@ def test_runner_and_monitor_tokens_have_narrower_roles(
             assert status == 200 and sid in {s["session_id"] for s in body["sessions"]}
             assert session["url"] not in json.dumps(body)  # a URL opens the backup
             assert scoped.control("GET", f"/v1/sessions/{sid}/prefetch", token=token)[0] == 200
-        assert scoped.control("GET", "/v1/sessions")[1]["sessions"][0]["url"] == session["url"]
+        # Other tests' sessions share the prefix, so find ours by id.
+        listed = scoped.control("GET", "/v1/sessions")[1]["sessions"]
+        assert {s["session_id"]: s.get("url") for s in listed}[sid] == session["url"]
         assert scoped.control("DELETE", f"/v1/sessions/{sid}", token=monitor)[0] == 403
         assert request(session["url"], headers={"Range": "bytes=0-9"})[0] == 206
         assert scoped.control("DELETE", f"/v1/sessions/{sid}", token=runner)[0] == 200
