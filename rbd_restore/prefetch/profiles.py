@@ -67,10 +67,12 @@ class Profile:
     def merged(self, reads: list[tuple[int, int]], now: float | None = None) -> Profile:
         """This profile with one more boot's ``(chunk, at_ms)`` first touches merged in."""
         boot = self.boots + 1
-        by_chunk = {e.chunk: e for e in self.entries if boot - e.last_boot < KEEP_BOOTS}
-        for chunk, at_ms in reads:
-            by_chunk[chunk] = ProfileEntry(chunk, at_ms, boot)
-        ordered = sorted(by_chunk.values(), key=lambda e: (e.at_ms, e.chunk))[:MAX_ENTRIES]
+        kept = {e.chunk: e for e in self.entries if boot - e.last_boot < KEEP_BOOTS}
+        for chunk, _ in reads:
+            kept.pop(chunk, None)
+        # Stable by time: reads in the same millisecond keep the order they came in.
+        ordered = sorted([*kept.values(), *(ProfileEntry(c, t, boot) for c, t in reads)],
+                         key=lambda e: e.at_ms)[:MAX_ENTRIES]
         stamp = dt.datetime.fromtimestamp(now if now is not None else time.time(), dt.UTC)
         return Profile(self.volume, self.chunk_size, boot,
                        stamp.isoformat(timespec="seconds"), ordered)
@@ -163,7 +165,8 @@ class BootRecorder:
 
     def finish(self) -> list[tuple[int, int]]:
         self.finished = True
-        return sorted(self.first_touch.items(), key=lambda item: (item[1], item[0]))
+        # Stable: chunks first read in the same millisecond stay in the order they were.
+        return sorted(self.first_touch.items(), key=lambda item: item[1])
 
 
 def partition_starts(first_sectors: bytes) -> list[int]:

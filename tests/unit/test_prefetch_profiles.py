@@ -50,6 +50,15 @@ def test_merge_orders_by_first_read_and_forgets_after_keep_boots() -> None:
     assert later.chunks() == [9, 2]
 
 
+def test_reads_in_the_same_millisecond_keep_their_order() -> None:
+    recorder = BootRecorder(opened_at=1000.0, window_seconds=120)
+    for chunk in (33, 23, 40, 2):  # one burst: all within the same millisecond
+        recorder.record(chunk, 1000.0101)
+    reads = recorder.finish()
+    assert [c for c, _ in reads] == [33, 23, 40, 2]
+    assert Profile(VOLUME, 4 * MiB).merged([(50, 3), *reads]).chunks() == [50, 33, 23, 40, 2]
+
+
 def test_profile_round_trips_and_refuses_damage() -> None:
     profile = Profile(VOLUME, 4 * MiB).merged([(3, 0), (4, 12)], now=1764072000.0)
     again = Profile.from_json(profile.to_json(), VOLUME)
