@@ -84,7 +84,7 @@ class _Uploader:
             return self.ensure(cid, data)  # the other worker failed: try ourselves
         try:
             if not self.repo.has_chunk(cid):
-                stored = chunk_codec.encode_chunk(data)
+                stored = self.repo.codec.encode_chunk(cid, data)
                 self.repo.put_chunk(cid, stored)
                 with self.counters.lock:
                     self.counters.bytes_uploaded += len(stored)
@@ -108,6 +108,12 @@ def _find_parent(repo: Repository, image: Any, chunk_size: int) -> Manifest | No
         except UserError as exc:
             log.info("snapshot %s cannot seed an incremental: %s", snap["name"], exc)
             continue
+        if manifest.key_id != repo.codec.current_key_id:
+            # Its chunk ids are under an older key: reusing them would keep data under
+            # a key being retired. The first backup under a new key reads everything.
+            log.info("backup %s is under key %s, not the current one: a full backup",
+                     backup_id, manifest.key_id)
+            return None
         if manifest.chunk_size == chunk_size and manifest.image_size == snap["size"]:
             return manifest
     return None
@@ -265,7 +271,7 @@ def _store_snapshot(repo: Repository, frozen: Any, backup_id: str, parent: Manif
         if chunk_codec.is_zero(data):
             chunk_ids[index] = None
             return
-        cid = chunk_codec.chunk_id(data)
+        cid = repo.codec.chunk_id(data)
         uploader.ensure(cid, data)
         chunk_ids[index] = cid
 
@@ -277,5 +283,6 @@ def _store_snapshot(repo: Repository, frozen: Any, backup_id: str, parent: Manif
     manifest = Manifest(
         backup_id=backup_id, created=dt.datetime.now(dt.UTC).isoformat(), source=source,
         image_size=size, chunk_size=chunk_size, chunks=chunk_ids,
-        parent=parent.backup_id if parent else None, stats=stats)
+        parent=parent.backup_id if parent else None, stats=stats,
+        key_id=repo.codec.current_key_id)
     return manifest, counters.chunks_read

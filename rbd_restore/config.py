@@ -55,6 +55,12 @@ class S3Settings:
 
 
 @dataclass(frozen=True)
+class RepositorySettings:
+    key_file: str = ""  # at least 32 random bytes that open the repository's keys
+    passphrase_file: str = ""  # or a passphrase on the first line (scrypt)
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     backup_default: str = "volumes"
     restore_default: str = "volumes"
@@ -109,6 +115,7 @@ class Config:
     ceph: CephSettings = field(default_factory=CephSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     pools: PoolSettings = field(default_factory=PoolSettings)
+    repository: RepositorySettings = field(default_factory=RepositorySettings)
     fetcher: FetcherSettings = field(default_factory=FetcherSettings)
     source: str = ""
 
@@ -117,6 +124,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "ceph": CephSettings,
     "s3": S3Settings,
     "pools": PoolSettings,
+    "repository": RepositorySettings,
     "fetcher": FetcherSettings,
 }
 
@@ -194,7 +202,8 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
         raise ConfigError("config fields fetcher.control_token, runner_token and "
                           "monitor_token must all differ: each names a role")
     return Config(ceph=sections["ceph"], s3=s3, pools=sections["pools"],
-                  fetcher=sections["fetcher"], source=source)
+                  repository=sections["repository"], fetcher=sections["fetcher"],
+                  source=source)
 
 
 def config_path(explicit: str | None) -> Path:

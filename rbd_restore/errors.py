@@ -61,6 +61,11 @@ class IntegrityError(UserError):
     exit_code = 7
 
 
+class UnknownKey(IntegrityError):
+    """An object under a data key the configured credential does not open (yet: a key
+    added since the repository was opened is found by reading the keys again)."""
+
+
 class DevClusterError(UserError):
     """The embedded development cluster could not be started or stopped."""
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import threading
@@ -32,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
 from rbd_restore.cache.metrics import FetcherMetrics
 from rbd_restore.repo.layout import CHUNK_ID
@@ -50,8 +52,12 @@ Fetch = Callable[[str, int, Executor], Awaitable[bytes]]
 class ChunkCache:
     def __init__(self, directory: Path, max_bytes: int, fetch: Fetch, executor: Executor,
                  metrics: FetcherMetrics, memory_bytes: int = 0,
-                 spill: Executor | None = None) -> None:
-        """``spill``: where chunks leaving memory are written to disk; None drops them."""
+                 spill: Executor | None = None,
+                 id_hashers: Callable[[], list[Any]] | None = None) -> None:
+        """``spill``: where chunks leaving memory are written to disk; None drops them.
+        ``id_hashers``: fresh hash objects, one per key a chunk id may be under, that
+        check a file cached before a restart (default: SHA-256, format 1)."""
+        self.id_hashers = id_hashers or (lambda: [hashlib.sha256()])
         self.directory = directory
         self.max_bytes = max_bytes
         self.memory_bytes = memory_bytes
@@ -280,14 +286,15 @@ class ChunkCache:
             self.metrics.prefetch_wasted_bytes.labels(label).inc(size)
 
     def _file_matches(self, chunk_id: str) -> bool:
-        digest = hashlib.sha256()
+        digests = self.id_hashers()
         try:
             with open(self.path(chunk_id), "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+                    for digest in digests:
+                        digest.update(block)
         except OSError:  # gone, or the disk fails: not a match, fetched again
             return False
-        return digest.hexdigest() == chunk_id
+        return any(hmac.compare_digest(d.hexdigest(), chunk_id) for d in digests)
 
     def _write(self, chunk_id: str, data: bytes) -> None:
         tmp = self.directory / f"{chunk_id}.{os.getpid()}.{threading.get_ident()}.tmp"

@@ -3,8 +3,8 @@
 botocore already retries each request with backoff. On top of that, a chunk
 that cannot be fetched is retried with a capped backoff for up to
 ``stall_seconds`` (librbd waits without a timeout: a stalled read is better
-than a failed one), and a chunk that fails its SHA-256 is fetched again a few
-times, then refused. Bytes that failed their hash never leave this module.
+than a failed one), and a chunk that fails to open or verify against its id is
+fetched again a few times, then refused. Bytes that failed their hash never leave this module.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from concurrent.futures import Executor
 
 from rbd_restore.cache.metrics import FetcherMetrics
 from rbd_restore.errors import IntegrityError, UnavailableError
-from rbd_restore.repo import chunks as chunk_codec
 from rbd_restore.repo.repository import Repository
 from rbd_restore.repo.store import ObjectMissing
 
@@ -55,7 +54,7 @@ class S3ChunkSource:
             try:
                 stored = await loop.run_in_executor(executor, self._get, chunk_id)
                 data = await loop.run_in_executor(
-                    executor, chunk_codec.decode_chunk, chunk_id, stored, length)
+                    executor, self.repo.codec.decode_chunk, chunk_id, stored, length)
                 if self.on_fetched is not None:
                     self.on_fetched(len(stored), time.monotonic() - started)
                 return data

@@ -50,7 +50,7 @@ def backup(
     ref = ImageRef.parse(image, cfg.pools.backup_default)
     size = parse_size(chunk_size, "--chunk-size")
     labels = parse_labels(label or [])
-    repo = open_repository(cfg, workers)
+    repo = open_repository(cfg, workers, create=True)
     with open_cluster(cfg) as cluster, progress_bar(f"backup {ref}", not as_json) as progress:
         result = run_backup(cluster, repo, ref, size, full=full, workers=workers,
                             progress=progress, labels=labels)

@@ -10,8 +10,8 @@ import typer
 
 from rbd_restore import config as config_mod
 from rbd_restore.ceph import Cluster
+from rbd_restore.repo import keyring
 from rbd_restore.repo.repository import Repository
-from rbd_restore.repo.store import ObjectStore
 
 
 def load_config(ctx: typer.Context) -> config_mod.Config:
@@ -20,8 +20,10 @@ def load_config(ctx: typer.Context) -> config_mod.Config:
     return config_mod.load(path)
 
 
-def open_repository(cfg: config_mod.Config, workers: int = 16) -> Repository:
-    return Repository(ObjectStore(cfg.s3, max_connections=workers + 8), cfg.s3.prefix)
+def open_repository(cfg: config_mod.Config, workers: int = 16,
+                    create: bool = False) -> Repository:
+    """``create``: an empty prefix becomes an encrypted repository (backups only)."""
+    return keyring.open_repository(cfg.s3, cfg.repository, workers + 8, create)
 
 
 def open_cluster(cfg: config_mod.Config) -> Cluster:

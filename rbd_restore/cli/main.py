@@ -11,6 +11,7 @@ import typer
 from rbd_restore import __version__
 from rbd_restore.cli import backup as cli_backup
 from rbd_restore.cli import jobs as cli_jobs
+from rbd_restore.cli import keys as cli_keys
 from rbd_restore.cli.cinder import cinder_app
 from rbd_restore.cli.dev import dev_app
 from rbd_restore.cli.fetcher import fetcher_app
@@ -34,6 +35,7 @@ app.add_typer(profile_app, name="profile")
 cli_backup.register(app)
 app.command("forget")(forget)
 cli_jobs.register(app)
+cli_keys.register(app)
 
 
 def _version(value: bool) -> None:

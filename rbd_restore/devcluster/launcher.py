@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -248,6 +249,11 @@ def _s3_ready(info: ClusterInfo, create_bucket: bool) -> bool:
 
 
 def _write_config(layout: Layout, info: ClusterInfo, state: ClusterState) -> None:
+    # The repository key the embedded cluster's backups are encrypted under: made once,
+    # kept across restarts (a new one would open none of the bucket's keys).
+    repository_key = layout.root / "repository.key"
+    if not repository_key.exists():
+        write_private(repository_key, secrets.token_hex(32))
     text = config_mod.render_toml({
         "ceph": {"conf": str(layout.ceph_conf), "keyring": str(layout.admin_keyring),
                  "client_name": "client.admin"},
@@ -255,6 +261,7 @@ def _write_config(layout: Layout, info: ClusterInfo, state: ClusterState) -> Non
                "secret_key": info.s3_secret_key, "bucket": info.bucket, "prefix": "",
                "region": "us-east-1"},
         "pools": {"backup_default": "volumes", "restore_default": "volumes"},
+        "repository": {"key_file": str(repository_key)},
         "fetcher": {"listen": f"127.0.0.1:{state.fetcher_port}",
                     "control_listen": f"127.0.0.1:{state.fetcher_control_port}",
                     "metrics_listen": f"127.0.0.1:{state.fetcher_metrics_port}",

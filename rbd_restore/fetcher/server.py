@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -54,6 +55,8 @@ from rbd_restore.fetcher.tls import server_context
 from rbd_restore.prefetch.coordinator import Prefetcher, PrefetchSettings
 from rbd_restore.prefetch.profiles import ProfileStore
 from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Qcow2View, Segment
+from rbd_restore.repo import keyring
+from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository
 from rbd_restore.repo.store import ObjectStore
@@ -102,8 +105,10 @@ class FetcherService:
         prefetch = PrefetchSettings.from_config(fc)
         self.executor = ThreadPoolExecutor(fc.s3_concurrency + 4, thread_name_prefix="fetcher")
         self.prefetch_executor = ThreadPoolExecutor(prefetch.slots, thread_name_prefix="prefetch")
-        self.repo = Repository(ObjectStore(cfg.s3, max_connections=fc.s3_concurrency + 8),
-                               cfg.s3.prefix)
+        store = ObjectStore(cfg.s3, max_connections=fc.s3_concurrency + 8)
+        credential = keyring.load_credential(cfg.repository)  # a bad key file fails at start
+        self.repo = Repository(store, cfg.s3.prefix, functools.partial(
+            keyring.open_codec, store, KeyLayout(cfg.s3.prefix), credential))
         self.repo.store.on_retry = self._count_s3_retry
         self.source = S3ChunkSource(self.repo, self.executor, self.metrics, fc.s3_stall_seconds)
         self.cache = ChunkCache(cache_dir or Path(fc.cache_dir),
@@ -111,7 +116,8 @@ class FetcherService:
                                 self.source.fetch, self.executor, self.metrics,
                                 parse_size(fc.memory_cache, "fetcher.memory_cache",
                                            zero_ok=True),
-                                self.prefetch_executor if fc.cache_relocated else None)
+                                self.prefetch_executor if fc.cache_relocated else None,
+                                lambda: self.repo.codec.id_hashers())
         self.book = SessionBook(self.repo, secret, data_url,
                                 fc.session_max_age_days * 86400.0)
         self.prefetch = Prefetcher(self.cache, ProfileStore(self.repo), self.metrics, prefetch,

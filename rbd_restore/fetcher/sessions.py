@@ -26,7 +26,7 @@ from rbd_restore.repo.layout import JOB_ID, SESSION_ID
 from rbd_restore.repo.locks import RepositoryBusy, being_deleted, read_clock
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository
-from rbd_restore.repo.sessions import IMAGE_SPEC, SessionRecord, open_sessions
+from rbd_restore.repo.sessions import IMAGE_SPEC, SessionRecord, open_sessions, session_context
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ class SessionBook:
         record = SessionRecord(claim.session_id, backup_id, claim.created, rate_limit,
                                claim.history, job_id, image)
         key = self.repo.keys.session_open(claim.session_id)
-        clock = read_clock(self.repo.store, key, record.encode())
+        sealed = self.repo.codec.seal_object(session_context(claim.session_id), record.encode())
+        clock = read_clock(self.repo.store, key, sealed)
         self._check_not_deleted(record, clock, key)
         sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes,
                  "allocation_marks": manifest.allocation_marks(),

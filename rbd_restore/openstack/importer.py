@@ -67,7 +67,7 @@ def import_backup(repo: Repository, cinder_bucket: ObjectStore, cinder_backup_id
     def store(cid: str, data: bytes) -> None:
         if repo.has_chunk(cid):
             return
-        stored = chunk_codec.encode_chunk(data)
+        stored = repo.codec.encode_chunk(cid, data)
         repo.put_chunk(cid, stored)
         with lock:
             uploaded[0] += len(stored)
@@ -88,7 +88,7 @@ def import_backup(repo: Repository, cinder_bucket: ObjectStore, cinder_backup_id
             if chunk_codec.is_zero(block):
                 chunk_ids.append(None)
                 continue
-            cid = chunk_codec.chunk_id(block)
+            cid = repo.codec.chunk_id(block)
             chunk_ids.append(cid)
             if cid not in seen:
                 seen.add(cid)

@@ -105,6 +105,10 @@ class Profile:
         return cls(volume, chunk_size, boots, updated, entries)
 
 
+def _context(volume: VolumeKey) -> str:
+    return f"profile:{volume.fsid}/{volume.image_id}"
+
+
 class ProfileStore:
     """Profiles in the repository's bucket. Methods block (S3)."""
 
@@ -116,7 +120,7 @@ class ProfileStore:
             data = self.repo.store.get(self.repo.keys.profile(volume.fsid, volume.image_id))
         except ObjectMissing:
             return None
-        return Profile.from_json(data, volume)
+        return Profile.from_json(self.repo.codec.open_object(_context(volume), data), volume)
 
     def record_boot(self, volume: VolumeKey, chunk_size: int,
                     reads: list[tuple[int, int]]) -> Profile:
@@ -132,7 +136,8 @@ class ProfileStore:
         if old is None or old.chunk_size != chunk_size:
             old = Profile(volume, chunk_size)
         new = old.merged(reads)
-        self.repo.store.put(self.repo.keys.profile(volume.fsid, volume.image_id), new.to_json())
+        self.repo.store.put(self.repo.keys.profile(volume.fsid, volume.image_id),
+                            self.repo.codec.seal_object(_context(volume), new.to_json()))
         return new
 
     def clear(self, volume: VolumeKey) -> bool:

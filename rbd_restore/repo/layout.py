@@ -14,6 +14,7 @@ BACKUP_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
 SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
 # Instant-restore jobs are named in session records, so their ids are settled here too.
 JOB_ID = re.compile(r"^r[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
+KEY_OBJECT_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,17 @@ class KeyLayout:
     @property
     def profiles_prefix(self) -> str:
         return f"{self._root()}profiles/"
+
+    @property
+    def config(self) -> str:
+        return f"{self._root()}config"
+
+    def key(self, object_id: str) -> str:
+        return f"{self.keys_prefix}{object_id}"
+
+    @property
+    def keys_prefix(self) -> str:
+        return f"{self._root()}keys/"
 
     def lock(self, name: str) -> str:
         return f"{self._root()}locks/{name}"

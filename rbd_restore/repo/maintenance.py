@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rbd_restore.errors import IntegrityError
+from rbd_restore.errors import IntegrityError, UserError
 from rbd_restore.parallel import run_bounded
 from rbd_restore.repo.locks import gc_lock, reading
 from rbd_restore.repo.manifest import Manifest
@@ -116,6 +116,12 @@ def collect_garbage(repo: Repository, grace: dt.timedelta = DEFAULT_GC_GRACE,
         for manifest in scan.manifests:
             referenced |= manifest.unique_chunk_ids()
         for bad in scan.unreadable:
+            if bad.mentioned is None:
+                # A sealed manifest that does not open names no chunk anyone can read,
+                # so nothing could be kept for it: delete nothing rather than its data.
+                raise UserError(f"gc deletes nothing: backup {bad.backup_id} does not "
+                                f"open ({bad.reason}); restore its key, or remove it with "
+                                "`backups delete --force`")
             referenced |= bad.mentioned
         cutoff = clock.now() - grace
         doomed: list[str] = []

@@ -4,24 +4,30 @@ A manifest is one JSON object (docs/format.md, "Manifest"). ``chunks`` lists the
 image's chunks in order: a string is a chunk id, a positive integer ``n`` stands
 for ``n`` consecutive all-zero (or unallocated) chunks. ``checksum`` is the
 SHA-256 of the canonical JSON of every other field, so a truncated or edited
-manifest is refused on read.
+manifest is refused on read. Format 2 replaces it with ``mac``, an HMAC under
+the data key the manifest names, so only a holder of the key can write one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rbd_restore.errors import IntegrityError
+from rbd_restore.errors import IntegrityError, UnknownKey
 from rbd_restore.repo.chunks import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from rbd_restore.repo.layout import BACKUP_ID, CHUNK_ID
 
+if TYPE_CHECKING:
+    from rbd_restore.repo.crypto import DataKey
+
 FORMAT_VERSION = 1
+KEYED_FORMAT_VERSION = 2
 LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9_.:/-]{0,127}$")
 LABELS_MAX_BYTES = 256 << 10
 
@@ -64,6 +70,7 @@ class Manifest:
     parent: str | None = None
     stats: Stats = field(default_factory=Stats)
     labels: dict[str, str] = field(default_factory=dict)  # e.g. openstack.volume_id
+    key_id: str = ""  # format 2: the data key its chunk ids and MAC are under
 
     @property
     def created_at(self) -> dt.datetime:
@@ -148,23 +155,29 @@ def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def to_json(manifest: Manifest) -> bytes:
+def to_json(manifest: Manifest, key: DataKey | None = None, encryption: str = "") -> bytes:
+    """Format 1 without ``key``; format 2, authenticated under ``key``, with it."""
     body: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
+        "format_version": KEYED_FORMAT_VERSION if key else FORMAT_VERSION,
         "backup_id": manifest.backup_id,
         "created": manifest.created,
         "source": asdict(manifest.source),
         "parent": manifest.parent,
         "image_size": manifest.image_size,
         "chunk_size": manifest.chunk_size,
-        "hash": "sha256",
+        "hash": "hmac-sha256" if key else "sha256",
         "compression": "zstd",
         "chunks": encode_chunk_list(manifest.chunks),
         "stats": asdict(manifest.stats),
     }
     if manifest.labels:  # absent when empty: manifests written before labels read alike
         body["labels"] = dict(manifest.labels)
-    body["checksum"] = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
+    if key:
+        body["key_id"] = key.key_id
+        body["encryption"] = encryption
+        body["mac"] = "hmac-sha256:" + key.mac(_canonical(body))
+    else:
+        body["checksum"] = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
     return json.dumps(body, indent=1).encode() + b"\n"
 
 
@@ -175,8 +188,11 @@ def _field(body: dict[str, Any], name: str, kind: type[Any] | tuple[type[Any], .
     return value
 
 
-def from_json(data: bytes, expected_id: str | None = None) -> Manifest:
-    """Parse and validate a manifest; anything off raises :class:`IntegrityError`."""
+def from_json(data: bytes, expected_id: str | None = None,
+              keys: Mapping[str, DataKey] | None = None, encryption: str = "") -> Manifest:
+    """Parse and validate a manifest; anything off raises :class:`IntegrityError`.
+    Without ``keys`` only format 1 is read; with them only format 2, whose MAC must
+    verify under the key it names and whose ``encryption`` must be the repository's."""
     what = f"manifest {expected_id}" if expected_id else "manifest"
     try:
         body = json.loads(data)
@@ -184,17 +200,12 @@ def from_json(data: bytes, expected_id: str | None = None) -> Manifest:
         raise IntegrityError(f"{what} is not valid JSON (truncated or damaged)") from None
     if not isinstance(body, dict):
         raise IntegrityError(f"{what} is not a JSON object")
-    version = body.get("format_version")
-    if version != FORMAT_VERSION:
-        raise IntegrityError(f"{what} has format_version {version!r}; this rbd-restore reads "
-                             f"version {FORMAT_VERSION}")
-    checksum = body.pop("checksum", None)
-    if checksum != "sha256:" + hashlib.sha256(_canonical(body)).hexdigest():
-        raise IntegrityError(f"{what} fails its checksum (edited or damaged)")
+    key_id = _authenticate(what, body, keys, encryption)
     backup_id = _field(body, "backup_id", str)
     if not BACKUP_ID.match(backup_id) or (expected_id and backup_id != expected_id):
         raise IntegrityError(f"{what} names backup {backup_id!r:.40}")
-    if body.get("hash") != "sha256" or body.get("compression") != "zstd":
+    if body.get("hash") != ("hmac-sha256" if keys is not None else "sha256") or body.get(
+            "compression") != "zstd":
         raise IntegrityError(f"{what} uses an unknown hash or compression")
     image_size = _field(body, "image_size", int)
     chunk_size = _field(body, "chunk_size", int)
@@ -223,7 +234,36 @@ def from_json(data: bytes, expected_id: str | None = None) -> Manifest:
         raise IntegrityError(f"{what}: {exc}") from None
     return Manifest(backup_id=backup_id, created=_field(body, "created", str), source=source,
                     image_size=image_size, chunk_size=chunk_size, chunks=chunks, parent=parent,
-                    stats=stats, labels=labels)
+                    stats=stats, labels=labels, key_id=key_id)
+
+
+def _authenticate(what: str, body: dict[str, Any], keys: Mapping[str, DataKey] | None,
+                  encryption: str) -> str:
+    """Check the version and the checksum or MAC, and take them out of ``body``;
+    returns the key id (format 2) or ``""``."""
+    version = body.get("format_version")
+    wanted = FORMAT_VERSION if keys is None else KEYED_FORMAT_VERSION
+    if version != wanted:
+        raise IntegrityError(f"{what} has format_version {version!r} where the repository "
+                             f"holds version {wanted}")
+    if keys is None:
+        checksum = body.pop("checksum", None)
+        if checksum != "sha256:" + hashlib.sha256(_canonical(body)).hexdigest():
+            raise IntegrityError(f"{what} fails its checksum (edited or damaged)")
+        return ""
+    mac = body.pop("mac", None)
+    key_id = body.get("key_id")
+    key = keys.get(key_id) if isinstance(key_id, str) else None
+    if key is None:
+        raise UnknownKey(f"{what} is under key {key_id!s:.20}, which the configured "
+                             "credential does not open")
+    if not isinstance(mac, str) or not hmac.compare_digest(
+            mac, "hmac-sha256:" + key.mac(_canonical(body))):
+        raise IntegrityError(f"{what} fails its MAC (edited, forged or damaged)")
+    if body.get("encryption") != encryption:
+        raise IntegrityError(f"{what} says encryption {body.get('encryption')!r:.20} in a "
+                             f"repository whose encryption is {encryption}")
+    return key.key_id
 
 
 def check_labels(labels: Any) -> dict[str, str]:

@@ -10,12 +10,13 @@ import datetime as dt
 import logging
 import re
 import secrets
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from rbd_restore.errors import IntegrityError, NotFoundError, UsageError
-from rbd_restore.repo import chunks as chunk_codec
-from rbd_restore.repo import manifest as manifest_codec
+from rbd_restore.errors import IntegrityError, NotFoundError, UnknownKey, UsageError
+from rbd_restore.repo.codec import LEGACY, Codec
 from rbd_restore.repo.layout import BACKUP_ID, KeyLayout
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.store import ObjectMissing, ObjectStore
@@ -48,8 +49,9 @@ class UnreadableManifest:
     backup_id: str
     reason: str
     # Every chunk id the stored bytes mention: gc keeps them, since nothing says the
-    # backup does not need them.
-    mentioned: frozenset[str]
+    # backup does not need them. None: a sealed manifest that does not open, whose
+    # chunks nobody can know.
+    mentioned: frozenset[str] | None
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,38 @@ class ManifestScan:
 
 
 class Repository:
-    def __init__(self, store: ObjectStore, prefix: str = "") -> None:
+    """``codec`` says how objects are named and stored: format 1 by default, else what
+    :func:`rbd_restore.repo.keyring.open_codec` found."""
+
+    def __init__(self, store: ObjectStore, prefix: str = "",
+                 codec: Codec | Callable[[], Codec] = LEGACY) -> None:
         self.store = store
         self.keys = KeyLayout(prefix)
+        # A loader is called when the codec is first needed (a fetcher may start before
+        # the first backup creates the repository) and again when a key added since
+        # turns up.
+        self._loader = codec if callable(codec) else None
+        self._codec = None if callable(codec) else codec
+        self._codec_lock = threading.Lock()  # backup workers ask at once: one load
+
+    @property
+    def codec(self) -> Codec:
+        codec = self._codec
+        if codec is None:
+            with self._codec_lock:
+                if self._codec is None:
+                    assert self._loader is not None
+                    self._codec = self._loader()
+                codec = self._codec
+        return codec
+
+    def _reload_codec(self) -> bool:
+        """Read the keys again; whether anything could change."""
+        if self._loader is None:
+            return False
+        with self._codec_lock:
+            self._codec = self._loader()
+        return True
 
     # Manifests
 
@@ -79,7 +110,10 @@ class Repository:
                 raise NotFoundError(f"backup {backup_id} does not exist in bucket "
                                     f"{self.store.bucket}") from None
             try:
-                return manifest_codec.from_json(data, expected_id=backup_id), data
+                return self.codec.decode_manifest(data, backup_id), data
+            except UnknownKey:
+                if attempt == READ_ATTEMPTS or not self._reload_codec():
+                    raise
             except IntegrityError as exc:
                 if attempt == READ_ATTEMPTS:
                     raise IntegrityError(f"{exc.message} ({READ_ATTEMPTS} reads)") from None
@@ -89,9 +123,9 @@ class Repository:
     def save_manifest(self, manifest: Manifest) -> None:
         """Store a manifest, refusing one that a reader would refuse: a manifest that
         cannot be read must never reach the bucket."""
-        data = manifest_codec.to_json(manifest)
+        data = self.codec.encode_manifest(manifest)
         try:
-            manifest_codec.from_json(data, expected_id=manifest.backup_id)
+            self.codec.decode_manifest(data, manifest.backup_id)
         except IntegrityError as exc:
             raise IntegrityError(f"refusing to store backup {manifest.backup_id}: "
                                  f"{exc.message}") from None
@@ -119,7 +153,9 @@ class Repository:
                     raw = self.store.get(self.keys.manifest(backup_id))
                 except ObjectMissing:
                     return None
-                mentioned = frozenset(m.decode() for m in _ANY_CHUNK_ID.findall(raw))
+                text = self.codec.manifest_text(raw, backup_id)
+                mentioned = None if text is None else frozenset(
+                    m.decode() for m in _ANY_CHUNK_ID.findall(text))
                 return UnreadableManifest(backup_id, exc.message, mentioned)
 
         manifests: list[Manifest] = []
@@ -152,7 +188,7 @@ class Repository:
         for attempt in range(1, READ_ATTEMPTS + 1):
             stored = self.store.get(self.keys.chunk(chunk_id), verify_etag=False)
             try:
-                return chunk_codec.decode_chunk(chunk_id, stored, length)
+                return self.codec.decode_chunk(chunk_id, stored, length)
             except IntegrityError as exc:
                 if attempt == READ_ATTEMPTS:
                     raise

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from rbd_restore.errors import IntegrityError
 from rbd_restore.repo.layout import BACKUP_ID, JOB_ID, SESSION_ID
 from rbd_restore.repo.repository import Repository
 from rbd_restore.repo.store import ObjectMissing
@@ -76,6 +77,11 @@ class SessionRecord:
         return cls(session_id, backup_id, created, rate, tuple(history), job_id, image)
 
 
+def session_context(session_id: str) -> str:
+    """What a sealed open record is bound to (docs/format.md, "Encryption")."""
+    return f"session:{session_id}"
+
+
 _ANY_BACKUP_ID = re.compile(rb"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
 
 
@@ -83,14 +89,16 @@ _ANY_BACKUP_ID = re.compile(rb"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
 class OpenSessions:
     records: list[SessionRecord]
     # Open records that do not parse, with every backup id their bytes mention: those
-    # backups count as held, since nothing says they are not.
-    unreadable: dict[str, frozenset[str]]
+    # backups count as held, since nothing says they are not. None: a sealed record
+    # that does not open, which may name any backup, so it holds them all.
+    unreadable: dict[str, frozenset[str] | None]
 
     def holders(self, backup_id: str) -> list[str]:
         """Who holds ``backup_id``, in words; empty when nothing does."""
         held = [r.holder() for r in self.records if backup_id in r.backups]
         held += [f"an unreadable session record {key}"
-                 for key, mentioned in self.unreadable.items() if backup_id in mentioned]
+                 for key, mentioned in self.unreadable.items()
+                 if mentioned is None or backup_id in mentioned]
         return held
 
 
@@ -100,14 +108,23 @@ def open_sessions(repo: Repository, stable: bool = False) -> OpenSessions:
     prefix = repo.keys.sessions_open_prefix
     infos = repo.store.list_stable(prefix) if stable else list(repo.store.list_objects(prefix))
     records: list[SessionRecord] = []
-    unreadable: dict[str, frozenset[str]] = {}
+    unreadable: dict[str, frozenset[str] | None] = {}
     for info in infos:
         try:
             data = repo.store.get(info.key)
         except ObjectMissing:
             continue  # closed meanwhile
+        session_id = info.key.rsplit("/", 1)[-1].removesuffix(".json")
         try:
-            records.append(SessionRecord.decode(data))
+            data = repo.codec.open_object(session_context(session_id), data)
+        except IntegrityError:
+            unreadable[info.key] = None
+            continue
+        try:
+            record = SessionRecord.decode(data)
+            if record.session_id != session_id:
+                raise ValueError("names another session")
+            records.append(record)
         except ValueError:
             unreadable[info.key] = frozenset(m.decode() for m in _ANY_BACKUP_ID.findall(data))
     return OpenSessions(records, unreadable)

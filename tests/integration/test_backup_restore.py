@@ -7,12 +7,19 @@ from typing import Any
 
 import pytest
 import rbd
-import zstandard
 
 from rbd_restore import devcluster
 from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.repository import snapshot_name
-from tests.support.helpers import Cli, du_used, export_digest, new_image, scatter_random_data
+from tests.support.helpers import (
+    Cli,
+    du_used,
+    export_digest,
+    manifest_body,
+    new_image,
+    put_chunk_content,
+    scatter_random_data,
+)
 
 MiB = 1 << 20
 
@@ -117,12 +124,10 @@ def test_corrupted_chunk_is_reported_and_stops_restore(cluster: devcluster.Clust
     backup_id = cli.json("backup", f"volumes/{name}")["backup_id"]
     shown = cli.json("backups", "show", backup_id)
     assert shown["chunks_allocated"] == 3
-    manifest_key = KeyLayout(cli.prefix).manifest(backup_id)
-    body = s3_client.get_object(Bucket=cluster.bucket, Key=manifest_key)["Body"].read()
-    victim = next(c for c in __import__("json").loads(body)["chunks"] if isinstance(c, str))
-    # A valid zstd frame with the wrong content: only the hash check can catch it.
-    s3_client.put_object(Bucket=cluster.bucket, Key=KeyLayout(cli.prefix).chunk(victim),
-                         Body=zstandard.ZstdCompressor().compress(b"evil" * 1000))
+    victim = next(c for c in manifest_body(cli, backup_id)["chunks"] if isinstance(c, str))
+    # A valid, sealed frame with the wrong content: only the check against the id can
+    # catch it.
+    put_chunk_content(cli, victim, b"evil" * 1000)
 
     assert cli.run("backups", "verify", backup_id).returncode == 0  # present, not checked
     deep = cli.run("backups", "verify", backup_id, "--deep")

@@ -14,17 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import rbd
-import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
 from rbd_restore.fetcher.headers import BEAST_HEADER_LIMIT, BUFFER_DOUBLES_PAST
-from rbd_restore.repo.layout import KeyLayout
 from tests.integration.fetcher_fixtures import backup, fetcher, reference, request, split
 from tests.support.fetcher_proc import FetcherProcess
-from tests.support.helpers import Cli
+from tests.support.helpers import Cli, manifest_body, put_chunk_content
 
 __all__ = ["backup", "fetcher", "reference"]  # the fixtures these tests use
 
@@ -171,13 +169,8 @@ def test_corrupted_chunk_is_never_served(cluster: devcluster.ClusterInfo,
             assert second["chunks_allocated"] == 2
         finally:
             remove_image(ioctx, name)
-    keys = KeyLayout(backup["prefix"])
-    import json as _json
-    manifest = _json.loads(s3_client.get_object(Bucket=cluster.bucket,
-                                                Key=keys.manifest(backup_id))["Body"].read())
-    victim = manifest["chunks"][1]
-    s3_client.put_object(Bucket=cluster.bucket, Key=keys.chunk(victim),
-                         Body=zstandard.ZstdCompressor().compress(b"\x00evil" * 1000))
+    victim = manifest_body(cli, backup_id)["chunks"][1]
+    put_chunk_content(cli, victim, b"\x00evil" * 1000)
     url = fetcher.create_session(backup_id)["url"]
     status, headers, _ = request(url, "HEAD")
     size = int(headers["content-length"])

@@ -17,9 +17,8 @@ import pytest
 import rbd
 
 from rbd_restore import devcluster
-from rbd_restore.repo.layout import KeyLayout
 from tests.support.fetcher_proc import FetcherProcess
-from tests.support.helpers import Cli, export_digest, new_image
+from tests.support.helpers import Cli, export_digest, manifest_body, new_image, put_manifest_body
 
 MiB = 1 << 20
 
@@ -135,17 +134,16 @@ def test_a_damaged_manifest_is_reported_and_skipped_never_fatal(
         write(ioctx, name, rng.randbytes(6 * MiB), 0)
     kept = cli.json("backup", f"volumes/{good}")["backup_id"]
     damaged = cli.json("backup", f"volumes/{bad}")["backup_id"]
-    key = KeyLayout(cli.prefix).manifest(damaged)
-    body = json.loads(s3_client.get_object(Bucket=cluster.bucket, Key=key)["Body"].read())
-    body["image_size"] += 1  # an edit the checksum catches
-    s3_client.put_object(Bucket=cluster.bucket, Key=key, Body=json.dumps(body).encode())
+    body = manifest_body(cli, damaged)
+    body["image_size"] += 1  # an edit the MAC catches
+    put_manifest_body(cli, damaged, body)
 
     listed = cli.run("backups", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     payload = json.loads(listed.stdout)
     assert [b["backup_id"] for b in payload["backups"]] == [kept]
     assert payload["unreadable"][0]["backup_id"] == damaged
-    assert f"backup {damaged} skipped" in listed.stderr and "checksum" in listed.stderr
+    assert f"backup {damaged} skipped" in listed.stderr and "MAC" in listed.stderr
 
     gc = cli.run("gc", "--grace", "0", "--json")
     assert gc.returncode == 0, gc.stderr
@@ -154,5 +152,5 @@ def test_a_damaged_manifest_is_reported_and_skipped_never_fatal(
     assert result["chunks_deleted"] == 0  # the damaged one's chunks are kept too
 
     assert cli.run("profile", "show", f"volumes/{good}").returncode == 4  # none yet: not 7
-    assert "checksum" in cli.fails("backups", "show", damaged)
+    assert "MAC" in cli.fails("backups", "show", damaged)
     assert cli.run("backups", "verify", kept, "--deep").returncode == 0

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
 import rbd
-import zstandard
 
 from rbd_restore import devcluster
-from rbd_restore.repo.layout import KeyLayout
 from tests.support.fetcher_proc import FetcherProcess
-from tests.support.helpers import Cli, new_image
+from tests.support.helpers import Cli, manifest_body, new_image, put_chunk_content
 
 MiB = 1 << 20
 
@@ -61,11 +58,8 @@ def test_a_sampled_scrub_finds_a_damaged_chunk(
     first = cli.json("backups", "verify", "--sample", "50")
     assert first["ok"] and first["chunks_checked"] >= 1
     assert "no backup id" in cli.fails("backups", "verify", ids[0], "--sample", "5")
-    manifest = json.loads(s3_client.get_object(
-        Bucket=cluster.bucket, Key=KeyLayout(cli.prefix).manifest(ids[0]))["Body"].read())
-    victim = next(c for c in manifest["chunks"] if isinstance(c, str))
-    s3_client.put_object(Bucket=cluster.bucket, Key=KeyLayout(cli.prefix).chunk(victim),
-                         Body=zstandard.ZstdCompressor().compress(b"rot" * 4000))
+    victim = next(c for c in manifest_body(cli, ids[0])["chunks"] if isinstance(c, str))
+    put_chunk_content(cli, victim, b"rot" * 4000)
     scrub = cli.run("backups", "verify", "--sample", "100", "--json")
     assert scrub.returncode == 7
     assert victim in scrub.stdout and "failed verification" in scrub.stdout

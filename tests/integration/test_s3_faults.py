@@ -85,7 +85,9 @@ def test_a_full_restore_cut_off_by_an_outage_resumes_where_it_stopped(
     target = f"{name}-r"
     images.extend([target, f"{target}.partial-{backup_id}"])
     faulty = Cli(cluster, cli.prefix, through(proxy, max_attempts=3))
-    proxy.down_after = proxy.exchanges + 8  # a few chunks in, S3 goes away
+    # A few chunks in, S3 goes away (the first three exchanges read the repository's
+    # config and key).
+    proxy.down_after = proxy.exchanges + 11
     line = faulty.fails("restore", backup_id, f"volumes/{target}", "--workers", "1")
     assert "unreachable" in line and "run the same command again to resume" in line
     assert f"{target}.partial-{backup_id}" in rbd.RBD().list(ioctx)

@@ -56,6 +56,45 @@ class Cli:
         return lines[0]
 
 
+def repository(cli: Cli) -> Any:
+    """The repository ``cli`` uses, opened with the cluster's key, for tests that read or
+    damage what is stored (``tests/integration/test_encryption.py`` reads it without the
+    package)."""
+    import dataclasses
+
+    from rbd_restore import config
+    from rbd_restore.repo import keyring
+
+    cfg = config.load(str(cli.cluster.config))
+    return keyring.open_repository(dataclasses.replace(cfg.s3, prefix=cli.prefix),
+                                   cfg.repository)
+
+
+def manifest_body(cli: Cli, backup_id: str) -> dict[str, Any]:
+    """The JSON of a stored manifest, opened."""
+    repo = repository(cli)
+    stored = repo.store.get(repo.keys.manifest(backup_id))
+    body: dict[str, Any] = json.loads(repo.codec.manifest_text(stored, backup_id))
+    return body
+
+
+def put_manifest_body(cli: Cli, backup_id: str, body: dict[str, Any]) -> None:
+    """Store ``body`` as the manifest, sealed as the repository seals manifests but with
+    its MAC left as it is: an edit only a key holder could make look right."""
+    repo = repository(cli)
+    data = json.dumps(body).encode()
+    if repo.codec.encrypted:
+        data = repo.codec.current.seal(b"manifest:" + backup_id.encode(), data)
+    repo.store.put(repo.keys.manifest(backup_id), data)
+
+
+def put_chunk_content(cli: Cli, chunk_id: str, plain: bytes) -> None:
+    """Store ``plain`` under ``chunk_id``, framed and sealed as a real chunk: only the
+    check of the content against its (keyed) id can catch it."""
+    repo = repository(cli)
+    repo.put_chunk(chunk_id, repo.codec.encode_chunk(chunk_id, plain))
+
+
 def export_digest(cluster: devcluster.ClusterInfo, spec: str) -> str:
     """SHA-256 of ``rbd export`` of an image or snapshot: the whole content."""
     proc = subprocess.Popen(["rbd", "-c", str(cluster.ceph_conf), "export", spec, "-"],
