@@ -228,7 +228,11 @@ def story(demo: Demo) -> int:
         f"{used['images'][0]['used_size'] / (1 << 30):.1f} GiB used "
         f"({time.monotonic() - started:.0f} s to build and import)")
 
-    step("Back it up to S3: snapshot, allocated extents, deduplicated zstd chunks")
+    step("Back it up to S3: snapshot, allocated extents, deduplicated zstd chunks, "
+         "encrypted (AES-256-GCM)")
+    repository = demo.rr_json("init")
+    say(f"repository {repository['repository']}: {repository['encryption']}, "
+        f"key {repository['key_id']} (wrapped by the key file in the demo's config)")
     started = time.monotonic()
     backup = demo.rr_json("backup", f"volumes/{image}")
     seconds = time.monotonic() - started
