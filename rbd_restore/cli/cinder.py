@@ -114,7 +114,7 @@ def backup(
     place = ops.placement(site.conf, site.api.volume(volume))
     ops.refuse_unsupported(place.volume)
     chunk_size = place.backend.chunk_size_mib << 20 or DEFAULT_CHUNK_SIZE
-    repo = open_repository(site.cfg)
+    repo = open_repository(site.cfg, create=True)
     with _cluster(site, place.backend) as cluster, \
             progress_bar(f"backup {place.volume.id}", not as_json) as progress:
         result = run_backup(cluster, repo, place.image, chunk_size, full=full,
@@ -246,7 +246,7 @@ def import_backup(
     if volume_id is None:
         volume_id, container = site.api.backup_location(cinder_backup)
     settings = dataclasses.replace(s3.settings(), bucket=bucket or container or s3.bucket)
-    manifest = run_import(open_repository(site.cfg), ObjectStore(settings), cinder_backup,
+    manifest = run_import(open_repository(site.cfg, create=True), ObjectStore(settings), cinder_backup,
                           volume_id)
     result = summary(manifest)
     if as_json:
