@@ -246,8 +246,8 @@ def import_backup(
     if volume_id is None:
         volume_id, container = site.api.backup_location(cinder_backup)
     settings = dataclasses.replace(s3.settings(), bucket=bucket or container or s3.bucket)
-    manifest = run_import(open_repository(site.cfg, create=True), ObjectStore(settings), cinder_backup,
-                          volume_id)
+    manifest = run_import(open_repository(site.cfg, create=True), ObjectStore(settings),
+                          cinder_backup, volume_id)
     result = summary(manifest)
     if as_json:
         print_json(result)
