@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import sys
@@ -56,10 +55,7 @@ from rbd_restore.prefetch.coordinator import Prefetcher, PrefetchSettings
 from rbd_restore.prefetch.profiles import ProfileStore
 from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Qcow2View, Segment
 from rbd_restore.repo import keyring
-from rbd_restore.repo.layout import KeyLayout
 from rbd_restore.repo.manifest import Manifest
-from rbd_restore.repo.repository import Repository
-from rbd_restore.repo.store import ObjectStore
 from rbd_restore.units import parse_size, split_hostport
 
 log = logging.getLogger(__name__)
@@ -105,10 +101,8 @@ class FetcherService:
         prefetch = PrefetchSettings.from_config(fc)
         self.executor = ThreadPoolExecutor(fc.s3_concurrency + 4, thread_name_prefix="fetcher")
         self.prefetch_executor = ThreadPoolExecutor(prefetch.slots, thread_name_prefix="prefetch")
-        store = ObjectStore(cfg.s3, max_connections=fc.s3_concurrency + 8)
-        credential = keyring.load_credential(cfg.repository)  # a bad key file fails at start
-        self.repo = Repository(store, cfg.s3.prefix, functools.partial(
-            keyring.open_codec, store, KeyLayout(cfg.s3.prefix), credential))
+        # Keys are read when first needed: the first backup may create the repository.
+        self.repo = keyring.open_repository(cfg.s3, cfg.repository, fc.s3_concurrency + 8)
         self.repo.store.on_retry = self._count_s3_retry
         self.source = S3ChunkSource(self.repo, self.executor, self.metrics, fc.s3_stall_seconds)
         self.cache = ChunkCache(cache_dir or Path(fc.cache_dir),
