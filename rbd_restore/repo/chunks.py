@@ -86,7 +86,8 @@ def raw_frame(data: bytes | memoryview) -> bytes:
     return b"".join(parts)
 
 
-def decode_chunk(expected_id: str, stored: bytes, expected_length: int | None = None) -> bytes:
+def decode_chunk(expected_id: str, stored: bytes | bytearray,
+                 expected_length: int | None = None) -> bytes:
     """Decompress and verify a stored chunk, or raise :class:`IntegrityError`."""
     try:
         plain = zstandard.ZstdDecompressor().decompress(stored, max_output_size=MAX_CHUNK_SIZE)

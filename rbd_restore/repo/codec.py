@@ -68,7 +68,7 @@ class Codec:
             return [hashlib.sha256()]
         return [hmac.new(k.id_key, digestmod=hashlib.sha256) for k in self.keys.values()]
 
-    def encode_chunk(self, chunk_id: str, plain: bytes | memoryview) -> bytes:
+    def encode_chunk(self, chunk_id: str, plain: bytes | memoryview) -> bytes | bytearray:
         """The stored form of a chunk whose id :meth:`chunk_id` gave."""
         frame = chunk_codec.encode_chunk(plain)
         if not self.current:
@@ -77,7 +77,8 @@ class Codec:
             return self.current.seal(b"chunk:" + chunk_id.encode(), frame)
         return bytes([PLAIN]) + self.current.header_id + frame
 
-    def decode_chunk(self, chunk_id: str, stored: bytes, length: int | None = None) -> bytes:
+    def decode_chunk(self, chunk_id: str, stored: bytes | bytearray,
+                     length: int | None = None) -> bytes:
         """Open, decompress and verify a stored chunk, or raise :class:`IntegrityError`."""
         if not self.current:
             return chunk_codec.decode_chunk(chunk_id, stored, length)
@@ -95,7 +96,8 @@ class Codec:
             raise IntegrityError(f"{what} holds {len(plain)} bytes where {length} are expected")
         return plain
 
-    def _open(self, what: str, context: bytes, stored: bytes) -> tuple[DataKey, bytes]:
+    def _open(self, what: str, context: bytes,
+              stored: bytes | bytearray) -> tuple[DataKey, bytearray | memoryview]:
         try:
             kind, key_id = header_of(stored)
         except Unopenable as exc:
@@ -109,7 +111,7 @@ class Codec:
             raise IntegrityError(f"{what} is {'sealed' if kind == SEALED else 'in the clear'}"
                                  f" in a repository whose encryption is {self.encryption}")
         if kind == PLAIN:
-            return key, stored[HEADER_BYTES:]
+            return key, memoryview(stored)[HEADER_BYTES:]
         try:
             return key, key.open(context, stored)
         except Unopenable as exc:
@@ -121,15 +123,15 @@ class Codec:
         data = manifest_codec.to_json(manifest, self.current, self.encryption)
         if self.encrypted:
             assert self.current is not None
-            return self.current.seal(b"manifest:" + manifest.backup_id.encode(), data)
+            return bytes(self.current.seal(b"manifest:" + manifest.backup_id.encode(), data))
         return data
 
     def decode_manifest(self, data: bytes, expected_id: str) -> Manifest:
         if not self.current:
             return manifest_codec.from_json(data, expected_id)
         if self.encrypted:
-            _, data = self._open(f"manifest {expected_id}",
-                                 b"manifest:" + expected_id.encode(), data)
+            data = bytes(self._open(f"manifest {expected_id}",
+                                    b"manifest:" + expected_id.encode(), data)[1])
         return manifest_codec.from_json(data, expected_id, self.keys, self.encryption)
 
     def manifest_text(self, data: bytes, backup_id: str) -> bytes | None:
@@ -138,8 +140,8 @@ class Codec:
         if not self.encrypted:
             return data
         try:
-            return self._open(f"manifest {backup_id}", b"manifest:" + backup_id.encode(),
-                              data)[1]
+            return bytes(self._open(f"manifest {backup_id}",
+                                    b"manifest:" + backup_id.encode(), data)[1])
         except IntegrityError:
             return None
 
@@ -148,7 +150,7 @@ class Codec:
     def seal_object(self, context: str, data: bytes) -> bytes:
         if self.encrypted:
             assert self.current is not None
-            return self.current.seal(context.encode(), data)
+            return bytes(self.current.seal(context.encode(), data))
         return data
 
     def open_object(self, context: str, data: bytes) -> bytes:
@@ -156,7 +158,7 @@ class Codec:
         sealed one does not open."""
         if not self.encrypted:
             return data
-        return self._open(context, context.encode(), data)[1]
+        return bytes(self._open(context, context.encode(), data)[1])
 
 
 LEGACY = Codec()

@@ -19,9 +19,11 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass, field
+from typing import cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -57,13 +59,13 @@ class DataKey:
     created: str = ""
     id_key: bytes = field(init=False, repr=False)
     mac_key: bytes = field(init=False, repr=False)
-    aead: AESGCM = field(init=False, repr=False)
+    encryption_key: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         salt = bytes.fromhex(self.repository_id)
         object.__setattr__(self, "id_key", _subkey(self.secret, salt, "chunk-id"))
         object.__setattr__(self, "mac_key", _subkey(self.secret, salt, "mac"))
-        object.__setattr__(self, "aead", AESGCM(_subkey(self.secret, salt, "encrypt")))
+        object.__setattr__(self, "encryption_key", _subkey(self.secret, salt, "encrypt"))
 
     @classmethod
     def generate(cls, repository_id: str, created: str) -> DataKey:
@@ -80,21 +82,55 @@ class DataKey:
     def mac(self, data: bytes) -> str:
         return hmac.new(self.mac_key, data, hashlib.sha256).hexdigest()
 
-    def seal(self, context: bytes, data: bytes | memoryview) -> bytes:
+    # Sealing and opening go through the streaming GCM context into one buffer: the
+    # one-shot AESGCM of cryptography 38 (Debian 12's) copies its input and output,
+    # and each fresh 4 MiB buffer costs page faults; here that made 1.1-1.9 CPU-s per
+    # GiB of 4 MiB chunks, against 0.2 this way.
+
+    def seal(self, context: bytes, data: bytes | memoryview) -> bytearray:
+        """Header, nonce, then exactly what AES-256-GCM encryption of ``data`` gives:
+        ciphertext followed by the 16-byte tag."""
         header = bytes([SEALED]) + self.header_id
         nonce = secrets.token_bytes(NONCE_BYTES)
-        return header + nonce + self.aead.encrypt(nonce, bytes(data), header + context)
+        encryptor = Cipher(algorithms.AES(self.encryption_key), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(header + context)
+        start = HEADER_BYTES + NONCE_BYTES
+        sealed = bytearray(start + len(data) + TAG_BYTES)
+        sealed[:start] = header + nonce
+        view = memoryview(sealed)
+        # The tag's room doubles as the slack update_into wants beyond the data.
+        written = start + encryptor.update_into(_buffer(data), _buffer(view[start:]))
+        encryptor.finalize()
+        view[written:] = encryptor.tag
+        return sealed
 
-    def open(self, context: bytes, blob: bytes) -> bytes:
-        header = blob[:HEADER_BYTES]
-        nonce = blob[HEADER_BYTES:HEADER_BYTES + NONCE_BYTES]
+    def open(self, context: bytes, blob: bytes | bytearray) -> bytearray:
+        """The plain bytes of a sealed object, only once its tag has verified."""
+        if len(blob) < SEALED_OVERHEAD:
+            raise Unopenable("is shorter than its header, nonce and tag")
+        header = bytes(blob[:HEADER_BYTES])
+        nonce = bytes(blob[HEADER_BYTES:HEADER_BYTES + NONCE_BYTES])
+        tag = bytes(blob[-TAG_BYTES:])
+        decryptor = Cipher(algorithms.AES(self.encryption_key),
+                           modes.GCM(nonce, tag)).decryptor()
+        decryptor.authenticate_additional_data(header + context)
+        body = memoryview(blob)[HEADER_BYTES + NONCE_BYTES:-TAG_BYTES]
+        plain = bytearray(len(body) + algorithms.AES.block_size // 8 - 1)
+        written = decryptor.update_into(_buffer(body), _buffer(memoryview(plain)))
         try:
-            return self.aead.decrypt(nonce, blob[HEADER_BYTES + NONCE_BYTES:], header + context)
+            decryptor.finalize()
         except InvalidTag:
             raise Unopenable("does not authenticate (damaged, forged or moved)") from None
+        del plain[written:]
+        return plain
 
 
-def header_of(blob: bytes) -> tuple[int, str]:
+def _buffer(view: bytes | memoryview) -> bytes:
+    """cffi takes any contiguous buffer; cryptography's annotations say bytes."""
+    return cast(bytes, view)
+
+
+def header_of(blob: bytes | bytearray) -> tuple[int, str]:
     """(kind, key id) of a stored object's header; ``Unopenable`` when it has none."""
     if len(blob) < HEADER_BYTES or blob[0] not in (SEALED, PLAIN):
         raise Unopenable("has no rbd-restore header")

@@ -179,7 +179,7 @@ class Repository:
     def has_chunk(self, chunk_id: str) -> bool:
         return self.store.exists(self.keys.chunk(chunk_id))
 
-    def put_chunk(self, chunk_id: str, stored: bytes) -> None:
+    def put_chunk(self, chunk_id: str, stored: bytes | bytearray) -> None:
         self.store.put(self.keys.chunk(chunk_id), stored)
 
     def get_chunk(self, chunk_id: str, length: int | None = None) -> bytes:

@@ -27,7 +27,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import botocore.exceptions
 import urllib3.exceptions
@@ -113,7 +113,7 @@ def _untrusted_certificate(exc: Exception) -> bool:
         "CERTIFICATE_VERIFY_FAILED" in str(exc) or "doesn't match" in str(exc))
 
 
-def content_md5(data: bytes | memoryview) -> str:
+def content_md5(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
@@ -226,14 +226,15 @@ class ObjectStore:
 
         return self._call("GET", key, once)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray) -> None:
         md5 = content_md5(data) if self.verify_uploads else None
+        body = cast(bytes, data)  # botocore sends any bytes-like body; its stubs say bytes
 
         def once() -> None:
             if md5 is None:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
                 return
-            reply = self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
+            reply = self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
                                            ContentMD5=md5)
             etag = str(reply.get("ETag", "")).strip('"')
             if len(etag) == 32 and base64.b64encode(bytes.fromhex(etag)).decode() != md5:

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from rbd_restore.config import RepositorySettings
 from rbd_restore.errors import ConfigError, IntegrityError, UnknownKey
@@ -42,6 +43,22 @@ def test_encrypted_chunks_hide_their_content_and_round_trip() -> None:
     assert sealed.decode_chunk(cid, stored, len(plain)) == plain
     # Another repository's key names the same content differently.
     assert codec().chunk_id(plain) != cid
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, (4 << 20) + 3])
+def test_sealed_objects_are_plain_aes_gcm_behind_header_and_nonce(size: int) -> None:
+    """What docs/format.md promises, checked with the one-shot AES-GCM of the
+    cryptography package rather than the streaming encryptor seal() uses."""
+    key = crypto.DataKey.generate(REPOSITORY_ID, "")
+    plain = os.urandom(size)
+    sealed = key.seal(b"chunk:abc", memoryview(plain))
+    header, nonce = bytes(sealed[:9]), bytes(sealed[9:21])
+    assert header == bytes([crypto.SEALED]) + bytes.fromhex(key.key_id)
+    assert len(sealed) == 21 + size + 16
+    one_shot = AESGCM(key.encryption_key)
+    assert one_shot.decrypt(nonce, bytes(sealed[21:]), header + b"chunk:abc") == plain
+    assert one_shot.encrypt(nonce, plain, header + b"chunk:abc") == bytes(sealed[21:])
+    assert key.open(b"chunk:abc", sealed) == plain
 
 
 def test_a_modified_moved_or_foreign_chunk_is_refused() -> None:
