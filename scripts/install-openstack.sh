@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the OpenStack tests need on Debian 12, idempotently (after install.sh):
-#   - Debian packages: RabbitMQ (the test bed's message bus) and Cinder 21 (Zed, the
-#     oldest release installable here) with pytest and boto3 for /usr/bin/python3;
+#   - Debian packages: RabbitMQ and MariaDB's server and client (the test bed's message
+#     bus and database) and Cinder 21 (Zed, the oldest release installable here) with
+#     pytest and boto3 for /usr/bin/python3;
 #   - .venv-cinder: the current Cinder from PyPI with python-openstackclient, in a
 #     virtualenv that sees no Debian package but the rados and rbd bindings (linked in:
 #     Debian's oslo and tooz releases do not mix with PyPI's), rbd-restore and the
@@ -9,9 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(rabbitmq-server python3-cinder python3-pytest python3-pytest-timeout python3-boto3)
-CINDER_PIP=("cinder>=29,<30" "python-openstackclient>=7,<11" "boto3>=1.34,<2" "pytest>=8,<10"
-            "pytest-timeout>=2.3,<3" "fixtures>=4,<5" "oslotest>=5,<7" "ddt>=1.6,<2"
+APT_PACKAGES=(rabbitmq-server mariadb-server-core mariadb-client-core python3-cinder python3-pytest
+              python3-pytest-timeout python3-boto3)
+CINDER_PIP=("cinder>=29,<30" "python-openstackclient>=7,<11" "PyMySQL>=1.0,<2" "boto3>=1.34,<2"
+            "pytest>=8,<10" "pytest-timeout>=2.3,<3" "fixtures>=4,<5" "oslotest>=5,<7" "ddt>=1.6,<2"
             "testtools>=2.7,<3")
 
 missing=()

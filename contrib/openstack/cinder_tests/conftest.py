@@ -93,18 +93,22 @@ def rados_cluster(cluster: devcluster.ClusterInfo) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def cinder(cluster: devcluster.ClusterInfo, rbd_restore_config: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """RabbitMQ and the four Cinder services, started once for the session's tests."""
-    from cinder_tests.services import Cinder, RabbitMQ
+    """RabbitMQ, MariaDB and the four Cinder services, started once for the session's
+    tests."""
+    from cinder_tests.services import Cinder, MariaDB, RabbitMQ
 
     root = tmp_path_factory.mktemp("openstack")
     rabbit = RabbitMQ(root / "rabbit")
-    rabbit.start()
-    services = Cinder(root / "cinder", cluster, rabbit, rbd_restore_config,
+    database = MariaDB(root / "mariadb")
+    services = Cinder(root / "cinder", cluster, rabbit, database, rbd_restore_config,
                       str(REPO / ".venv" / "bin" / "rbd-restore"))
     try:
+        rabbit.start()
+        database.start()
         services.start()
         services.clouds_yaml(root / "clouds.yaml")
         yield services
     finally:
         services.stop()
+        database.stop()
         rabbit.stop()

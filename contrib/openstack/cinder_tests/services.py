@@ -1,6 +1,6 @@
 """Real Cinder services for the end-to-end tests: RabbitMQ from Debian, cinder-api,
--scheduler, -volume and -backup from the Cinder package of this interpreter, with
-sqlite and ``noauth``, in a directory and on ports of their own. Every process is
+-scheduler, -volume and -backup from the Cinder package of this interpreter, MariaDB
+from Debian and ``noauth``, in a directory and on ports of their own. Every process is
 stopped by its own pid (and RabbitMQ's epmd by its own port)."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from rbd_restore import devcluster
 
 PROJECT = "admin"  # noauth: the token "admin:admin" is an admin of project "admin"
 RABBIT_SBIN = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+MARIADBD = Path("/usr/sbin/mariadbd")
 
 
 def free_port() -> int:
@@ -99,6 +100,60 @@ class RabbitMQ:
                        check=False, env=self.env())
 
 
+@dataclass
+class MariaDB:
+    """Cinder's database, as in a deployment. Not sqlite: oslo.db opens every sqlite
+    transaction with a deferred BEGIN, so when two of the four services read and then
+    write at once, sqlite answers one of them "database is locked" at once, whatever
+    the busy timeout (cinder-api then fails a request with HTTP 500)."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mysql+pymysql://cinder:cinder@127.0.0.1:{self.port}/cinder?charset=utf8mb4"
+
+    def _client(self, sql: str) -> None:
+        subprocess.run(["mariadb", "--no-defaults", f"--socket={self.root / 'socket'}",
+                        "--user=root", "--execute", sql], check=True, capture_output=True)
+
+    def start(self) -> None:
+        data = self.root / "data"
+        user = ["--user=root"] if os.geteuid() == 0 else []
+        self.root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}",
+                        "--auth-root-authentication-method=socket", "--skip-test-db", *user],
+                       check=True, capture_output=True)
+        log = open(self.root / "server.out", "wb")  # noqa: SIM115
+        # A test bed: small buffers, no binary log, no fsync per commit.
+        self.proc = subprocess.Popen(
+            [str(MARIADBD), "--no-defaults", f"--datadir={data}", *user,
+             f"--socket={self.root / 'socket'}", f"--pid-file={self.root / 'mariadbd.pid'}",
+             "--bind-address=127.0.0.1", f"--port={self.port}", "--skip-log-bin",
+             "--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=2",
+             "--max-connections=200", f"--log-error={self.root / 'error.log'}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait("MariaDB", lambda: _port_open(self.port), 120, [self.proc], self.root)
+            self._client("CREATE DATABASE cinder CHARACTER SET utf8mb4; "
+                         "CREATE USER 'cinder'@'127.0.0.1' IDENTIFIED BY 'cinder'; "
+                         "GRANT ALL ON cinder.* TO 'cinder'@'127.0.0.1';")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 SERVICES = ("cinder-api", "cinder-scheduler", "cinder-volume", "cinder-backup")
 
 
@@ -110,6 +165,7 @@ class Cinder:
     root: Path
     cluster: devcluster.ClusterInfo
     rabbit: RabbitMQ
+    database: MariaDB
     rbd_restore_config: Path
     rbd_restore_command: str
     api_port: int = field(default_factory=free_port)
@@ -178,8 +234,7 @@ backup_driver_stats_polling_interval = 10
 periodic_interval = 3
 
 [database]
-# Five processes on one sqlite file: wait for its lock rather than fail on it.
-connection = sqlite:///{state / "cinder.sqlite"}?timeout=60
+connection = {self.database.url}
 
 # As root, privsep runs its helper itself (the default, sudo privsep-helper, does not
 # find the helper in this virtualenv).

@@ -1,4 +1,4 @@
-"""End to end with real Cinder services (API, scheduler, volume, backup over RabbitMQ, sqlite,
+"""End to end with real Cinder services (API, scheduler, volume, backup over RabbitMQ, MariaDB,
 noauth) and the real openstack CLI: a backup through our backup driver, a volume created
 from it through our volume driver, booted in QEMU before its relocation ends."""
 
