@@ -169,19 +169,34 @@ def write_reports(reports: list[Report]) -> Path:
     return path
 
 
+def _sections(markdown: str) -> dict[str, str]:
+    """The ``### report`` sections of a latest.md, by report name."""
+    sections: dict[str, str] = {}
+    for block in markdown.split("\n### ")[1:]:
+        name = block.split("\n", 1)[0]
+        sections[name] = "### " + block.rstrip("\n") + "\n"
+    return sections
+
+
 def write_latest(path: Path) -> None:
-    """``latest.md`` from a run's JSON report (``python -m bench.common FILE`` redoes it)."""
+    """``latest.md`` from a run's JSON report (``python -m bench.common FILE`` redoes it).
+    A run of one benchmark replaces only its own sections: the others keep the
+    numbers of the run that last measured them, each section naming its run."""
     run = json.loads(path.read_text())
     info = run["machine"]
     reports = [Report(r["name"], [Row(**{k: v for k, v in row.items() if k != "ratio"})
                                   for row in r["rows"]], r["notes"]) for r in run["reports"]]
-    header = [f"# rbd-restore benchmarks, {run['created']}", "",
-              f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, "
-              f"kernel {info['kernel']}, {info['ceph']}.", "",
-              "Values are medians of the runs listed in the JSON report; ratios are computed "
-              "within this run.", ""]
-    (RESULTS / "latest.md").write_text("\n".join(header) + "\n".join(r.markdown()
-                                                                    for r in reports))
+    latest = RESULTS / "latest.md"
+    sections = _sections(latest.read_text()) if latest.exists() else {}
+    for report in reports:
+        table = report.markdown().split("\n", 1)[1]
+        sections[report.name] = (f"### {report.name}\n\nRun {run['created']}: {info['cpu']}, "
+                                 f"{info['cores']} cores, {info['memory_gib']} GiB, kernel "
+                                 f"{info['kernel']}, {info['ceph']}.\n{table}")
+    header = ["# rbd-restore benchmarks", "",
+              "Values are medians of the runs listed in the JSON report of the run each "
+              "section names; ratios are computed within that run.", ""]
+    latest.write_text("\n".join(header) + "\n" + "\n".join(sections.values()))
 
 
 if __name__ == "__main__":
