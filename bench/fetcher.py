@@ -5,6 +5,12 @@ empty cache. Warm: the same reads from a disk cache that holds every chunk (a
 first pass by a fetcher with memory_cache = 0 fills it). Then 4 KiB random
 reads from the warm cache (p99), and the fetcher's RSS while serving a 100 GiB
 backup and at its peak during the cold pass (the relocation's read pattern).
+
+CPU: the fetcher's CPU-seconds per GiB served in the cold pass, against the
+floor of its mandatory work measured in the same run: one process that only
+GETs the same chunk objects in the same order over one connection (presigned
+URLs, urllib3: no botocore on the data path) and opens, decompresses and
+verifies each (the repository's codec, as the fetcher must).
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import http.client
+import json
+import os
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,9 +40,10 @@ from bench.common import Report, Row, bench_cluster, cli, map_all, median, open_
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
+from rbd_restore.repo import keyring
 from rbd_restore.repo.manifest import Manifest
-from rbd_restore.repo.repository import Repository, new_backup_id
-from rbd_restore.repo.store import ObjectStore, make_client
+from rbd_restore.repo.repository import new_backup_id
+from rbd_restore.repo.store import make_client
 from tests.support.fetcher_proc import FetcherProcess
 
 MiB = 1 << 20
@@ -69,6 +79,12 @@ class Fetcher(FetcherProcess):
         finally:
             done.set()
             sampler.join()
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU the fetcher process has used so far, all threads."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_mib(self) -> float:
         assert self.proc is not None
@@ -121,7 +137,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
     count = data_gib * 256
     pool = _pool_bytes()
     samples: dict[str, list[float]] = {"cold": [], "get": [], "warm": [], "p99": [], "rss": [],
-                                       "rss_cold": []}
+                                       "rss_cold": [], "cpu": [], "floor": []}
     workdir = Path(tempfile.mkdtemp(dir=str(cluster.dir)))
     try:
         rbd.RBD().create(ioctx, name, count * CHUNK, old_format=False)
@@ -139,12 +155,15 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                 size = _file_size(url)
                 first_data = size - data_bytes
                 ranges = [(o, o + CHUNK) for o in range(first_data, size, CHUNK)]
+                cpu_before = fetcher.cpu_seconds()
                 (secs, _), peak = fetcher.peak_rss_during(
                     functools.partial(timed, _reads, url, ranges))
+                samples["cpu"].append((fetcher.cpu_seconds() - cpu_before) / data_gib)
                 samples["cold"].append(data_bytes / secs / MiB)
                 samples["rss_cold"].append(peak)
             finally:
                 fetcher.stop()
+            samples["floor"].append(_floor_cpu_per_gib(cluster, prefix, backup_id, data_gib))
             # A sequential reader's chunks pass through memory and stay out of the disk
             # cache by default; a warm cache is one that holds them: filled here by a
             # first pass of a fetcher that keeps every chunk on disk (memory_cache = 0).
@@ -181,6 +200,12 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                    median(samples["get"]), ">= 0.9x", samples["cold"]))
     report.add(Row(f"parallel boto3 GET ({GET_THREADS} threads)", "throughput",
                    median(samples["get"]), "MiB/s", runs=samples["get"]))
+    report.add(Row("cold sequential 4 MiB reads: fetcher CPU", "CPU-s per GiB",
+                   median(samples["cpu"]), "s", "floor: GET + open + decompress + verify, "
+                   "one process", median(samples["floor"]), "<= 1.3x (issue 18)",
+                   samples["cpu"]))
+    report.add(Row("floor: GET (presigned, urllib3) + open + decompress + verify",
+                   "CPU-s per GiB", median(samples["floor"]), "s", runs=samples["floor"]))
     report.add(Row("warm sequential 4 MiB reads", "throughput", median(samples["warm"]),
                    "MiB/s", target=">= 300 MB/s", runs=samples["warm"]))
     report.add(Row("warm 4 KiB random reads", "p99 latency", median(samples["p99"]), "ms",
@@ -195,7 +220,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
 def _rss_for_100_gib(cluster: devcluster.ClusterInfo, cfg: config_mod.Config, prefix: str,
                      backup_id: str, workdir: Path) -> float:
     """A 100 GiB manifest (every chunk allocated, reusing the stored chunks) served for reads."""
-    repo = Repository(ObjectStore(dataclasses.replace(cfg.s3, prefix=prefix)), prefix)
+    repo = keyring.open_repository(dataclasses.replace(cfg.s3, prefix=prefix), cfg.repository)
     small = repo.load_manifest(backup_id)
     ids = [c for c in small.chunks if c is not None]
     big = Manifest(backup_id=new_backup_id(), created=small.created, source=small.source,
@@ -215,6 +240,38 @@ def _rss_for_100_gib(cluster: devcluster.ClusterInfo, cfg: config_mod.Config, pr
         return peak
     finally:
         fetcher.stop()
+
+
+FLOOR = """
+import dataclasses, json, resource, sys
+import urllib3
+from rbd_restore import config
+from rbd_restore.repo import keyring
+cfg = config.load(sys.argv[1])
+repo = keyring.open_repository(dataclasses.replace(cfg.s3, prefix=sys.argv[2]), cfg.repository)
+manifest = repo.load_manifest(sys.argv[3])
+ids = [c for c in manifest.chunks if c is not None]
+urls = [repo.store.client.generate_presigned_url(
+    "get_object", Params={"Bucket": repo.store.bucket, "Key": repo.keys.chunk(c)})
+    for c in ids]
+codec = repo.codec
+pool = urllib3.PoolManager(maxsize=1)
+started = resource.getrusage(resource.RUSAGE_SELF)
+for chunk_id, url in zip(ids, urls):
+    reply = pool.request("GET", url, preload_content=True)
+    assert reply.status == 200, reply.status
+    codec.decode_chunk(chunk_id, reply.data, manifest.chunk_size)
+done = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(done.ru_utime + done.ru_stime - started.ru_utime - started.ru_stime))
+"""
+
+
+def _floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: str,
+                       data_gib: int) -> float:
+    """CPU-seconds per GiB of the mandatory work of serving these chunks cold."""
+    done = subprocess.run([sys.executable, "-c", FLOOR, str(cluster.config), prefix, backup_id],
+                          check=True, capture_output=True, text=True)
+    return float(json.loads(done.stdout)) / data_gib
 
 
 def main() -> Any:
