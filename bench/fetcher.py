@@ -163,7 +163,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                 samples["rss_cold"].append(peak)
             finally:
                 fetcher.stop()
-            samples["floor"].append(_floor_cpu_per_gib(cluster, prefix, backup_id, data_gib))
+            samples["floor"].append(floor_cpu_per_gib(cluster, prefix, backup_id, data_gib))
             # A sequential reader's chunks pass through memory and stay out of the disk
             # cache by default; a warm cache is one that holds them: filled here by a
             # first pass of a fetcher that keeps every chunk on disk (memory_cache = 0).
@@ -266,8 +266,8 @@ print(json.dumps(done.ru_utime + done.ru_stime - started.ru_utime - started.ru_s
 """
 
 
-def _floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: str,
-                       data_gib: int) -> float:
+def floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: str,
+                       data_gib: float) -> float:
     """CPU-seconds per GiB of the mandatory work of serving these chunks cold."""
     done = subprocess.run([sys.executable, "-c", FLOOR, str(cluster.config), prefix, backup_id],
                           check=True, capture_output=True, text=True)

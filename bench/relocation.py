@@ -40,7 +40,7 @@ from bench.common import (
     open_volumes,
     timed,
 )
-from bench.fetcher import Fetcher
+from bench.fetcher import Fetcher, floor_cpu_per_gib
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
@@ -76,7 +76,8 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
     work.mkdir()
     report = Report(f"Relocation to a committed image, S3 behind 20 ms and "
                     f"{WAN_MODELS[cap]} ({data_mib} MiB of incompressible data)")
-    samples: dict[str, list[float]] = {"ours": [], "ceph": [], "get": [], "import": []}
+    samples: dict[str, list[float]] = {"ours": [], "ceph": [], "get": [], "import": [],
+                                       "cpu": [], "floor": []}
     used: dict[str, int] = {}
     try:
         pool = _pool_bytes()
@@ -115,13 +116,17 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
             try:
                 job = cli(cluster, "restore", backup_id, f"volumes/{target}", "--mode",
                           "instant", env={**env, **fetcher.env_overrides})["job_id"]
+                cpu_before = fetcher.cpu_seconds()
                 secs, _ = timed(execute_commit, ioctx, target)
+                samples["cpu"].append((fetcher.cpu_seconds() - cpu_before) / (data / (1 << 30)))
                 samples["ours"].append(secs)
                 used["ours"] = _used(cluster, target)
                 del job  # committed by hand: the record stays "staged" until a runner looks
             finally:
                 fetcher.stop()
                 remove_image(ioctx, target)
+            samples["floor"].append(floor_cpu_per_gib(cluster, prefix, backup_id,
+                                                       data / (1 << 30)))
 
             target = f"reloc-ceph-{run_no}-{uuid.uuid4().hex[:4]}"
             rbd.RBD().migration_prepare_import(ceph_spec, ioctx, target)
@@ -158,6 +163,9 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                    data / 1e6 / median(samples["ours"]), "MB/s",
                    "GET + rbd import, back to back", back_to_back, "",
                    [data / 1e6 / s for s in samples["ours"]]))
+    report.add(Row("relocation: fetcher CPU", "CPU-s per GiB", median(samples["cpu"]), "s",
+                   "floor: GET + open + decompress + verify, one process",
+                   median(samples["floor"]), "<= 1.3x (issue 18)", samples["cpu"]))
     for key, label in (("ours", "rbd-restore"), ("ceph", "Ceph raw s3 import")):
         report.add(Row(f"rbd du USED after commit: {label}", "MiB", used.get(key, 0) / MiB,
                        "MiB", "data", data / MiB))
