@@ -51,7 +51,10 @@ def serve(
         "process for a small site.")] = False,
 ) -> None:
     """Serve backups as qcow2 files over HTTP until stopped (SIGTERM or Ctrl-C)."""
+    from rbd_restore.allocator import reuse_large_buffers
     from rbd_restore.fetcher.server import FetcherService
+
+    reuse_large_buffers()  # before any thread: see rbd_restore/allocator.py
 
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
