@@ -303,3 +303,38 @@ def test_a_job_follows_its_image_when_it_is_renamed(
     final = state(cli, job_id)
     assert final["state"] == "committed" and final["image"] == f"volumes/{renamed}"
     assert export_digest(cluster, f"volumes/{renamed}") == source["digest"]
+
+
+def test_two_runner_processes_commit_every_job_of_several_exactly_once(
+        cluster: devcluster.ClusterInfo, fetcher: FetcherProcess, source: dict[str, str],
+        images: list[str], tmp_path: Path) -> None:
+    """Two hosts' runners on the same six jobs at once (issue 18): each job is
+    relocated and committed by one of them, never both, and every image is right."""
+    cli = via(fetcher)
+    jobs = dict(stage(fetcher, source, images, "--rate-limit", "4") for _ in range(6))
+    logs = [tmp_path / "runner-a.log", tmp_path / "runner-b.log"]
+    runners = [subprocess.Popen([sys.executable, "-m", "rbd_restore.cli", "jobs", "run",
+                                 "--once", "--jobs", "2"],
+                                env=cli.env(), stdout=subprocess.DEVNULL,
+                                stderr=open(log, "wb"))  # noqa: SIM115
+               for log in logs]
+    try:
+        for runner in runners:
+            assert runner.wait(timeout=300) == 0
+    finally:
+        for runner in runners:
+            if runner.poll() is None:
+                runner.kill()
+                runner.wait()
+    commits: dict[str, list[str]] = {job_id: [] for job_id in jobs.values()}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            entry = json.loads(line) if line.startswith("{") else {}  # also "runner ready"
+            if entry.get("msg") == "job committed":
+                commits[entry["job"]].append(log.name)
+    assert all(len(by) == 1 for by in commits.values()), commits
+    assert {name for by in commits.values() for name in by} == {log.name for log in logs}, \
+        "both runners should have had jobs to run"
+    for target, job_id in jobs.items():
+        assert state(cli, job_id)["state"] == "committed"
+        assert export_digest(cluster, f"volumes/{target}") == source["digest"]
