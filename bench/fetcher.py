@@ -10,9 +10,10 @@ CPU: the fetcher's CPU-seconds per GiB served in the cold pass, against the
 floor of its mandatory work measured in the same run: one process that only
 GETs the same chunk objects in the same order over one connection (presigned
 URLs, urllib3: no botocore on the data path) and opens, decompresses and
-verifies each (the repository's codec, as the fetcher must), with glibc's
-allocator told to keep freed memory (a fresh 4 MiB buffer costs page faults
-here: the same process without that spends 1.9 CPU-s per GiB instead of 1.1).
+verifies each (the repository's codec, as the fetcher must), with the allocator
+settings the fetcher uses (rbd_restore/allocator.py: a fresh 4 MiB buffer
+costs page faults here; the same process without them spends 1.9 CPU-s per GiB
+instead of 1.1).
 """
 
 from __future__ import annotations
@@ -248,7 +249,9 @@ FLOOR = """
 import dataclasses, json, resource, sys
 import urllib3
 from rbd_restore import config
+from rbd_restore.allocator import reuse_large_buffers
 from rbd_restore.repo import keyring
+reuse_large_buffers()
 cfg = config.load(sys.argv[1])
 repo = keyring.open_repository(dataclasses.replace(cfg.s3, prefix=sys.argv[2]), cfg.repository)
 manifest = repo.load_manifest(sys.argv[3])
@@ -271,11 +274,8 @@ print(json.dumps(done.ru_utime + done.ru_stime - started.ru_utime - started.ru_s
 def floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: str,
                        data_gib: float) -> float:
     """CPU-seconds per GiB of the mandatory work of serving these chunks cold."""
-    lean_allocator = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-                      "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
     done = subprocess.run([sys.executable, "-c", FLOOR, str(cluster.config), prefix, backup_id],
-                          env={**os.environ, **lean_allocator}, check=True, capture_output=True,
-                          text=True)
+                          check=True, capture_output=True, text=True)
     return float(json.loads(done.stdout)) / data_gib
 
 
