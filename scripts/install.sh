@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   ceph-mon ceph-osd ceph-mgr radosgw ceph-common python3-rados python3-rbd
   qemu-system-x86 qemu-block-extra qemu-utils linux-image-amd64 busybox-static
-  python3-venv e2fsprogs cpio faketime tmux prometheus systemd openssl
+  python3-venv e2fsprogs cpio faketime tmux prometheus systemd openssl haproxy
 )
 
 missing=()

@@ -2,7 +2,8 @@
 
 ``/v1/sessions`` as docs/fetcher-api.md specifies. A new session is handed to
 ``prime`` at once, so the cache starts filling before any client opens the
-image. Each bearer token has a role: the control token may do everything; a
+image (unless session URLs name a load balancer: the replica serving the
+reads primes it then). Each bearer token has a role: the control token may do everything; a
 runner token may close sessions and read their state (a job runner never opens
 one); a monitor token may only read, and never sees a session's URL.
 """
@@ -40,7 +41,7 @@ NEEDED = {"POST": "create", "DELETE": "close", "GET": "read"}
 
 class ControlPlane:
     def __init__(self, tokens: dict[bytes, frozenset[str]], book: SessionBook, prefetch: Prefetcher,
-                 metrics: FetcherMetrics, blocking: Blocking, prime: Prime,
+                 metrics: FetcherMetrics, blocking: Blocking, prime: Prime | None,
                  trust: Callable[[web.Request], None] = lambda _request: None) -> None:
         self.tokens = tokens
         self.book = book
@@ -114,8 +115,9 @@ class ControlPlane:
             holder["job_id"], holder["image"])
         log.info("session created", extra={"session": session.session_id,
                                             "backup": backup_id})
-        self._spawn(self.prime(session.session_id, session.created, manifest,
-                               tuple(sizes["snapshots"])))
+        if self.prime is not None:
+            self._spawn(self.prime(session.session_id, session.created, manifest,
+                                   tuple(sizes["snapshots"])))
         self._spawn(self._count_sessions())
         return web.json_response({**session.as_json(), **sizes}, status=201)
 

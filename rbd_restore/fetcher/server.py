@@ -128,8 +128,12 @@ class FetcherService:
                                              idle_seconds=TRUSTED_IDLE_SECONDS if name == "data"
                                              else SHORT_IDLE_SECONDS)
                        for name in LISTENERS}
+        # Behind a load balancer the replica that creates a session is seldom the one its
+        # reads are sent to: that one primes it when librbd opens the image (HEAD).
+        own_url = data_url == f"{scheme}://{self.listeners.data}"
         self.control = ControlPlane(tokens, self.book, self.prefetch, self.metrics, self.blocking,
-                                    self._prime, self.guards["control"].trust)
+                                    self._prime if own_url else None,
+                                    self.guards["control"].trust)
 
     def _count_s3_retry(self, kind: str) -> None:
         self.metrics.s3_retries.inc()
@@ -204,6 +208,7 @@ class FetcherService:
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
                    "ETag": f'"{claim.backup_id}"', "Server": SERVER}
         if request.method == "HEAD":
+            self.prefetch.session(claim.session_id, claim.created, view)  # primes a new one
             response = web.StreamResponse(status=200, headers=self._sized(
                 request, 200, {**headers, "Content-Length": str(view.size)}))
             await response.prepare(request)
@@ -310,6 +315,10 @@ class FetcherService:
             return
         self.prefetch.session(session_id, created, view)
 
+    async def handle_health(self, request: web.Request) -> web.Response:
+        """For load balancers' checks: the process accepts and answers on its data plane."""
+        return _plain(200, "ok")
+
     async def handle_metrics(self, request: web.Request) -> web.Response:
         self.guards["metrics"].trust(request)
         self.metrics.cache_bytes.set(self.cache.total)
@@ -326,6 +335,7 @@ class FetcherService:
 
     def apps(self) -> tuple[web.Application, web.Application, web.Application]:
         data = web.Application()
+        data.router.add_get("/v1/health", self.handle_health)
         data.router.add_route("*", "/{tail:.*}", self.handle_data)
         control = self.control.app(CONTROL_BODY_BYTES)
         metrics = web.Application()

@@ -5,6 +5,9 @@
   guest's queued reads if that new connection is refused. With its sockets held
   by the service manager (socket activation) the fetcher restarts without
   refusing anything: the guest pauses and boots with correct data.
+- One of two fetcher replicas behind HAProxy SIGKILLed while the guest boots and
+  left dead: HAProxy sends the reads it did not answer, and librbd the ones it
+  cut short, to the other replica.
 - S3 misbehaving under the fetcher (the fault proxy): the boot and the
   relocation come out bit-exact.
 - The guest writing during the relocation and the commit: every write is
@@ -22,6 +25,7 @@ from rbd_restore import devcluster
 from tests.support.e2e import guest_files, job, objects_differing, runner, vm_on, wait_job
 from tests.support.faultproxy import FaultPlan, FaultProxy, through
 from tests.support.fetcher_proc import FetcherProcess
+from tests.support.haproxy import replicas_behind_haproxy
 from tests.support.helpers import Cli
 
 
@@ -58,6 +62,40 @@ def test_fetcher_killed_while_the_guest_boots_costs_the_guest_nothing(
         objects_differing(cluster, target, site["guest"] / "root.img")
     finally:
         fetcher.close()
+
+
+def test_fetcher_replica_killed_while_the_guest_boots_behind_haproxy(
+        cluster: devcluster.ClusterInfo, site: dict[str, Any], target: str,
+        tmp_path: Path) -> None:
+    """Two replicas behind HAProxy (contrib/haproxy); the one serving the guest is
+    SIGKILLed mid-boot and not restarted: the other serves the rest of the boot and
+    the relocation."""
+    with replicas_behind_haproxy(cluster, site["fetcher"].prefix, tmp_path,
+                                 {"RBD_RESTORE_FETCHER_PRIME_SESSIONS": "0"}) as (_proxy,
+                                                                                 replicas):
+        cli = Cli(cluster, site["fetcher"].prefix, replicas[0].env_overrides)
+        started = cli.json("restore", site["backup"]["backup_id"], f"volumes/{target}",
+                           "--mode", "instant")
+        session_id = job(site, started["job_id"])["session_id"]
+        vm = vm_on(site, cluster, target, hold=0)
+        vm.start()
+        try:
+            vm.wait_for("RBD-RESTORE-GUEST-SUM")  # between its data files, reading on
+            [serving] = [r for r in replicas
+                         if r.control("GET", f"/v1/sessions/{session_id}/prefetch")[0] == 200]
+            serving.kill()
+            vm.wait_for(site["info"]["marker"])
+            assert vm.sums() == site["info"]["sums"]
+            vm.wait_exit()
+        finally:
+            vm.stop()
+        assert "I/O error" not in vm.output() and "EXT4-fs error" not in vm.output()
+        [survivor] = [r for r in replicas if r is not serving]
+        assert survivor.metrics()["rbd_restore_fetcher_demand_chunks_total"] > 0
+        run = runner(site, started["job_id"], "--once")
+        assert run.wait(timeout=180) == 0
+        assert job(site, started["job_id"])["state"] == "committed"
+    objects_differing(cluster, target, site["guest"] / "root.img")
 
 
 def test_boot_and_relocation_through_s3_faults_are_bit_exact(
