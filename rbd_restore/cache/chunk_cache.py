@@ -64,6 +64,7 @@ class ChunkCache:
         self.hot: OrderedDict[str, bytes] = OrderedDict()  # verified, in memory, oldest first
         self.hot_since: dict[str, float] = {}
         self.hot_done: set[str] = set()  # read to the end: the first to leave memory
+        self.hot_wanted: set[str] = set()  # of those, chunks another session will read
         self.hot_total = 0
         self.spill = spill
         self.spilling: dict[str, bytes] = {}  # on their way to disk, still served
@@ -113,32 +114,40 @@ class ChunkCache:
             return "hit"
         return "wait" if chunk_id in self.in_flight else "miss"
 
-    def demote(self, chunk_id: str) -> None:
-        """The chunk is not expected to be read again: the next to leave memory (for the
-        disk cache, or dropped), or the next eviction victim on disk."""
+    def demote(self, chunk_id: str, wanted_later: bool = False) -> None:
+        """The reader is done with the chunk: the next to leave memory (for the disk
+        cache, or dropped), or the next eviction victim on disk. ``wanted_later``:
+        another session will read it (restores of volumes sharing chunks): it leaves
+        memory for the disk cache, whatever ``spill`` says, and keeps its place there."""
         if chunk_id in self.hot:
             self.hot_done.add(chunk_id)
+            if wanted_later:
+                self.hot_wanted.add(chunk_id)
             self.hot.move_to_end(chunk_id, last=False)
-        elif chunk_id in self.entries:
+        elif chunk_id in self.entries and not wanted_later:
             self.entries.move_to_end(chunk_id, last=False)
 
     def _leave_memory(self, chunk_id: str) -> None:
         data = self.hot[chunk_id]
+        wanted = chunk_id in self.hot_wanted
         self._drop_hot(chunk_id, wasted=False)
-        if (self.spill is None or len(self.spilling) >= MAX_SPILLING
-                or len(data) > self.max_bytes):
+        spill = self.spill or (self.executor if wanted else None)
+        if spill is None or len(data) > self.max_bytes or (
+                len(self.spilling) >= MAX_SPILLING and not wanted):
             return
         self.spilling[chunk_id] = data
-        task = asyncio.ensure_future(self._spill(chunk_id, data, self.spill))
+        task = asyncio.ensure_future(self._spill(chunk_id, data, spill, wanted))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _spill(self, chunk_id: str, data: bytes, executor: Executor) -> None:
+    async def _spill(self, chunk_id: str, data: bytes, executor: Executor,
+                     wanted: bool = False) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(executor, self._write, chunk_id,
                                                              data)
             self.entries[chunk_id] = len(data)
-            self.entries.move_to_end(chunk_id, last=False)  # first out: it is in Ceph now
+            if not wanted:
+                self.entries.move_to_end(chunk_id, last=False)  # first out: in Ceph now
             self.total += len(data)
             self.verified.add(chunk_id)
             self._evict(keep=chunk_id)
@@ -281,6 +290,7 @@ class ChunkCache:
         self.hot_total -= size
         del self.hot_since[chunk_id]
         self.hot_done.discard(chunk_id)
+        self.hot_wanted.discard(chunk_id)
         label = self.staged_unused.pop(chunk_id, None) if wasted else None
         if label is not None:  # staged, never read
             self.metrics.prefetch_wasted_bytes.labels(label).inc(size)

@@ -10,7 +10,9 @@ For each session the fetcher serves, the coordinator
 - records the guest's first touches and saves them as the volume's profile
   when the boot window ends or the session closes;
 - keeps the relocation window staged, and demotes chunks the relocation has
-  copied that no open session's profile lists.
+  copied that no open session's profile lists (to the disk cache when another
+  session's relocation still has them ahead: restores of volumes made from one
+  image share most chunks, and each is fetched from S3 once).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class SessionPrefetch:
         self.detector = SequentialDetector()
         self.short_stream = max(2, SHORT_STREAM_BYTES // view.manifest.chunk_size)
         self.profile_ids: set[str] = set()
+        self.unique_of = {chunk_id: u for u, chunk_id in enumerate(view.unique_ids)}
         self.primed_by = ""
         self.demanded: set[int] = set()
         self.covered = 0
@@ -311,7 +314,17 @@ class Prefetcher:
         for piece in plan.slices:
             if piece.unique in plan.whole and refs[piece.unique] == 1 and not any(
                     piece.chunk_id in s.profile_ids for s in self.sessions.values()):
-                self.cache.demote(piece.chunk_id)
+                self.cache.demote(piece.chunk_id, self._wanted_elsewhere(state, piece.chunk_id))
+
+    def _wanted_elsewhere(self, state: SessionPrefetch, chunk_id: str) -> bool:
+        """Whether another open session's relocation has the chunk still ahead of it
+        (restores of volumes made from one image share most of their chunks)."""
+        for other in self.sessions.values():
+            if other is not state:
+                unique = other.unique_of.get(chunk_id)
+                if unique is not None and unique > other.follower.front:
+                    return True
+        return False
 
     def _follow(self, state: SessionPrefetch) -> None:
         view = state.view
