@@ -78,6 +78,12 @@ class FetcherMetrics:
             "rbd_restore_fetcher_relocation_read_seconds",
             "Relocation read latency, request to last byte", buckets=LATENCY_BUCKETS,
             registry=r)
+        self.relocation_held = Counter(
+            "rbd_restore_fetcher_relocation_reads_held",
+            "Relocation reads held back while guests read (fetcher/pacing.py)", registry=r)
+        self.relocation_held_seconds = Counter(
+            "rbd_restore_fetcher_relocation_held_seconds",
+            "Seconds those reads were held, added up", registry=r)
         self.prefetch_bytes = Counter("rbd_restore_fetcher_prefetch_bytes",
                                       "Bytes staged by prefetch, by class", ["class"],
                                       registry=r)

@@ -48,6 +48,7 @@ from rbd_restore.fetcher.limits import (
     close_after_reply,
     raise_open_file_limit,
 )
+from rbd_restore.fetcher.pacing import DemandFirst, RatePacer
 from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from rbd_restore.fetcher.sessions import SessionBook
 from rbd_restore.fetcher.tls import server_context
@@ -119,7 +120,8 @@ class FetcherService:
         self.source.on_fetched = self.prefetch.fetched
         self.views: OrderedDict[tuple[str, ...], Qcow2View] = OrderedDict()
         self.view_loads: dict[tuple[str, ...], asyncio.Task[Qcow2View]] = {}
-        self.paced_until: dict[str, float] = {}
+        self.pacer = RatePacer(SESSIONS_TRACKED)
+        self.demand_first = DemandFirst(self._count_held)
         self.pad_headers = fc.pad_headers != 0
         self.padded_connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.control_tls = server_context(fc.control_tls_cert, fc.control_tls_key)
@@ -134,6 +136,10 @@ class FetcherService:
         self.control = ControlPlane(tokens, self.book, self.prefetch, self.metrics, self.blocking,
                                     self._prime if own_url else None,
                                     self.guards["control"].trust)
+
+    def _count_held(self, seconds: float) -> None:
+        self.metrics.relocation_held.inc()
+        self.metrics.relocation_held_seconds.inc(seconds)
 
     def _count_s3_retry(self, kind: str) -> None:
         self.metrics.s3_retries.inc()
@@ -236,16 +242,20 @@ class FetcherService:
         # The relocation reads a chunk's clusters once, one after the other: a chunk it
         # asks for before prefetch staged it is kept in memory like the staged ones.
         in_memory = plan.reader == "relocation"
-        if claim.rate_limit and in_memory:
-            await self._throttle(claim.session_id, claim.rate_limit, wanted.length)
-        try:
-            first = await self._assemble(segments, in_memory)
-        except UserError as exc:
-            return self._failed(exc, claim.session_id)
-        response = web.StreamResponse(status=status, headers=self._sized(
-            request, status, {**headers, "Content-Length": str(wanted.length)}))
-        await response.prepare(request)
-        await response.write(first)
+        if in_memory:
+            if claim.rate_limit:
+                await self.pacer.pace(claim.session_id, claim.rate_limit, wanted.length)
+            await self.demand_first.relocation_read(request.transport)
+        with (self.demand_first.guest_read(request.transport) if plan.reader == "guest"
+              else contextlib.nullcontext()):
+            try:
+                first = await self._assemble(segments, in_memory)
+            except UserError as exc:
+                return self._failed(exc, claim.session_id)
+            response = web.StreamResponse(status=status, headers=self._sized(
+                request, status, {**headers, "Content-Length": str(wanted.length)}))
+            await response.prepare(request)
+            await response.write(first)
         self.metrics.bytes_served.inc(len(first))
         position = first_end
         while position < wanted.end:  # only whole-file or huge ranges get here
@@ -279,21 +289,6 @@ class FetcherService:
         assert isinstance(segment, ChunkSlice)
         return await self.cache.read(segment.chunk_id, segment.chunk_length, segment.offset,
                                      segment.length, in_memory)
-
-    async def _throttle(self, session_id: str, rate: int, nbytes: int) -> None:
-        """Pace relocation-sized reads (whole data clusters) to ``rate`` bytes/s.
-
-        Guest reads are usually smaller and pass; note that when a VM holds the
-        image lock the relocation shares its connection, so pacing also delays
-        the guest reads queued behind it.
-        """
-        now = time.monotonic()
-        start = max(now, self.paced_until.pop(session_id, now))
-        self.paced_until[session_id] = start + nbytes / rate
-        if len(self.paced_until) > SESSIONS_TRACKED:
-            del self.paced_until[next(iter(self.paced_until))]
-        if start > now:
-            await asyncio.sleep(start - now)
 
     def _failed(self, exc: UserError, session_id: str) -> web.Response:
         status = 503 if isinstance(exc, UnavailableError) else 500

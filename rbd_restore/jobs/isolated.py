@@ -38,6 +38,9 @@ CONCURRENCY_ENV = "RBD_RESTORE_ISOLATED_CONCURRENCY"
 _URL = re.compile(r"https?://[^\s\"']+")
 STOP_GRACE_SECONDS = 20.0
 OPERATIONS = ("state", "execute", "commit")
+# A relocation in this process (no VM holds the image) is background work: the
+# guests' reads, QEMU and the fetcher come first on a busy host.
+RELOCATION_NICENESS = 10
 
 Progress = Callable[[int, int], None]
 
@@ -121,6 +124,7 @@ def _child(op: str, pool: str, image: str) -> int:
                 found = lazy_clone.state(ioctx, image)
                 value = None if found is None else dataclasses.asdict(found)
             elif op == "execute":
+                os.nice(RELOCATION_NICENESS)
                 if os.environ.get(CONCURRENCY_ENV):
                     lazy_clone.set_concurrency(ioctx, image, int(os.environ[CONCURRENCY_ENV]))
                 lazy_clone.execute(ioctx, image, report, cancelled=stop.is_set)
