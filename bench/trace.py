@@ -6,7 +6,7 @@ length, seconds since start) as it arrives. ``replay`` issues the same reads,
 in order, against any RBD image and reports how long they took: the demand
 stalls a guest would see on that image, without QEMU's CPU cost.
 
-    python -m bench.trace record OUT.json
+    python -m bench.trace record [--guest DIR] OUT.json
     python -m bench.trace replay --conf CEPH_CONF POOL/IMAGE TRACE.json
 """
 
@@ -28,8 +28,13 @@ from typing import Any
 from tests.support.vm import build_guest
 
 
-def record(out: Path) -> dict[str, Any]:
-    guest, info = build_guest()
+def record(out: Path, guest: Path | None = None) -> dict[str, Any]:
+    """Boot ``guest`` (a directory with vmlinuz, initrd.img, root.img and guest.json;
+    default: the small test guest) and write the reads of its boot to ``out``."""
+    if guest is None:
+        guest, info = build_guest()
+    else:
+        info = json.loads((guest / "guest.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         disk = Path(tmp) / "disk.raw"
         shutil.copyfile(guest / "root.img", disk)
@@ -96,13 +101,15 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record")
     rec.add_argument("out", type=Path)
+    rec.add_argument("--guest", type=Path, help="guest directory (default: the small guest; "
+                     "the Debian one: .cache/debian-guest)")
     rep = sub.add_parser("replay")
     rep.add_argument("--conf", required=True)
     rep.add_argument("image")
     rep.add_argument("trace", type=Path)
     args = parser.parse_args()
     if args.command == "record":
-        trace = record(args.out)
+        trace = record(args.out, args.guest)
         print(f"{len(trace['reads'])} reads, {trace['bytes'] >> 20} MiB -> {args.out}")
     else:
         print(json.dumps(replay(args.conf, args.image, json.loads(args.trace.read_text()))))

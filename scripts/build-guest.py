@@ -147,8 +147,9 @@ def write_bulk(directory: Path, total: int) -> None:
                 target.write(generator.randbytes(min(16 << 20, size - target.tell())))
 
 
-def build(out: Path, disk_bytes: int = DISK_BYTES, bulk_bytes: int = 0) -> dict[str, object]:
-    release = kernel_release()
+def write_initramfs(target: Path, release: str) -> None:
+    """A busybox initramfs that loads the virtio and ext4 modules, mounts /dev/vda and
+    hands over to its /sbin/init (also used by scripts/build-debian-guest.py)."""
     busybox = shutil.which("busybox") or "/bin/busybox"
     with tempfile.TemporaryDirectory() as tmp:
         initramfs = Path(tmp) / "initramfs"
@@ -163,12 +164,17 @@ def build(out: Path, disk_bytes: int = DISK_BYTES, bulk_bytes: int = 0) -> dict[
         (initramfs / "init").write_text(INITRAMFS_INIT)
         (initramfs / "init").chmod(0o755)
         files = sorted(str(p.relative_to(initramfs)) for p in initramfs.rglob("*"))
-        with open(out / "initrd.img.tmp", "wb") as target:
-            cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=initramfs,
-                                  input="\n".join([".", *files]).encode(),
-                                  stdout=subprocess.PIPE, check=True)
-            target.write(cpio.stdout)
+        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=initramfs,
+                              input="\n".join([".", *files]).encode(),
+                              stdout=subprocess.PIPE, check=True)
+        target.write_bytes(cpio.stdout)
 
+
+def build(out: Path, disk_bytes: int = DISK_BYTES, bulk_bytes: int = 0) -> dict[str, object]:
+    release = kernel_release()
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    write_initramfs(out / "initrd.img.tmp", release)
+    with tempfile.TemporaryDirectory() as tmp:
         rootfs = Path(tmp) / "rootfs"
         for sub in ("bin", "sbin", "proc", "dev", "data", "tmp"):
             (rootfs / sub).mkdir(parents=True)

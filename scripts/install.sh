@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what rbd-restore needs on Debian 12, idempotently:
-#   - Debian packages: Ceph daemons and bindings, QEMU, kernel and busybox for the test guest;
+#   - Debian packages: Ceph daemons and bindings, QEMU, kernel and busybox for the test guest,
+#     mmdebstrap for the Debian test guest, HAProxy for the fetcher-replica tests;
 #   - a virtualenv in .venv from /usr/bin/python3 with --system-site-packages (rados and rbd
 #     exist only as Debian packages for that interpreter) and the package in editable mode.
 # A second run on a set-up machine checks and returns in seconds.
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   ceph-mon ceph-osd ceph-mgr radosgw ceph-common python3-rados python3-rbd
   qemu-system-x86 qemu-block-extra qemu-utils linux-image-amd64 busybox-static
-  python3-venv e2fsprogs cpio faketime tmux prometheus systemd openssl haproxy
+  python3-venv e2fsprogs cpio faketime tmux prometheus systemd openssl haproxy mmdebstrap
 )
 
 missing=()
