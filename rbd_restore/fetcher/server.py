@@ -15,7 +15,6 @@ import os
 import sys
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,9 +51,10 @@ from rbd_restore.fetcher.pacing import DemandFirst, RatePacer
 from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from rbd_restore.fetcher.sessions import SessionBook
 from rbd_restore.fetcher.tls import server_context
+from rbd_restore.fetcher.views import ViewCache
 from rbd_restore.prefetch.coordinator import Prefetcher, PrefetchSettings
 from rbd_restore.prefetch.profiles import ProfileStore
-from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Qcow2View, Segment
+from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Segment
 from rbd_restore.repo import keyring
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.units import parse_size, split_hostport
@@ -64,7 +64,6 @@ T = TypeVar("T")
 
 WINDOW = 64 << 20  # a reply is assembled at most this much at a time
 CLOSED_REFRESH_SECONDS = 2.0
-VIEWS_KEPT = 32
 SESSIONS_TRACKED = 4096  # sessions whose pacing state is kept (LRU)
 SWITCH_INTERVAL = 0.0005
 
@@ -118,8 +117,7 @@ class FetcherService:
         self.prefetch = Prefetcher(self.cache, ProfileStore(self.repo), self.metrics, prefetch,
                                    self.blocking, self.prefetch_executor)
         self.source.on_fetched = self.prefetch.fetched
-        self.views: OrderedDict[tuple[str, ...], Qcow2View] = OrderedDict()
-        self.view_loads: dict[tuple[str, ...], asyncio.Task[Qcow2View]] = {}
+        self.views = ViewCache(self.repo, self.blocking)
         self.pacer = RatePacer(SESSIONS_TRACKED)
         self.demand_first = DemandFirst(self._count_held)
         self.pad_headers = fc.pad_headers != 0
@@ -147,34 +145,6 @@ class FetcherService:
 
     async def blocking(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
-
-    # Views of backups
-
-    async def view(self, backup_id: str, history: tuple[str, ...] = (),
-                   head: Manifest | None = None) -> Qcow2View:
-        """The backup's view (with ``history`` as snapshots); ``head``: its manifest, when
-        the caller has just read it."""
-        key = (backup_id, *history)
-        cached = self.views.get(key)
-        if cached is not None:
-            self.views.move_to_end(key)
-            return cached
-        task = self.view_loads.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self.blocking(self._build_view, key, head))
-            self.view_loads[key] = task
-            task.add_done_callback(lambda _t: self.view_loads.pop(key, None))
-        view = await asyncio.shield(task)
-        self.views[key] = view
-        while len(self.views) > VIEWS_KEPT:
-            self.views.popitem(last=False)
-        return view
-
-    def _build_view(self, key: tuple[str, ...], loaded: Manifest | None) -> Qcow2View:
-        head, *history = key
-        manifest = loaded or self.repo.load_manifest(head)
-        older = [manifest if h == head else self.repo.load_manifest(h) for h in history]
-        return Qcow2View(manifest, older)
 
     # Data plane
 
@@ -206,7 +176,7 @@ class FetcherService:
             if request.method == "HEAD" and await self.blocking(
                     self.book.is_closed_in_bucket, claim.session_id):
                 return _plain(404, "not found")
-            view = await self.view(claim.backup_id, claim.history)
+            view = await self.views.get(claim.backup_id, claim.history)
         except NotFoundError:
             return _plain(404, "not found")
         except UserError as exc:
@@ -303,7 +273,7 @@ class FetcherService:
                      history: tuple[str, ...]) -> None:
         """Prefetch for a new session, from the manifest its creation already read."""
         try:
-            view = await self.view(manifest.backup_id, history, manifest)
+            view = await self.views.get(manifest.backup_id, history, manifest)
         except UserError as exc:
             log.warning("session not primed", extra={"session": session_id,
                                                      "reason": exc.message})
