@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,27 +42,39 @@ def test_fetcher_killed_while_the_guest_boots_costs_the_guest_nothing(
     try:
         started = cli.json("restore", site["backup"]["backup_id"], f"volumes/{target}",
                            "--mode", "instant")
-        vm = vm_on(site, cluster, target, hold=0)
-        vm.start()
-        try:
-            vm.wait_for("RBD-RESTORE-GUEST-SUM")  # between its data files, reading on
-            first = fetcher.proc.pid if fetcher.proc else 0
+        first = fetcher.proc.pid if fetcher.proc else 0
+
+        def restart() -> None:
             fetcher.kill()
             time.sleep(1)  # the fault: a second with no fetcher process at all
             fetcher.start()
             assert fetcher.proc is not None and fetcher.proc.pid != first
-            vm.wait_for(site["info"]["marker"])
-            assert vm.sums() == site["info"]["sums"]
-            vm.wait_exit()
-        finally:
-            vm.stop()
-        assert "I/O error" not in vm.output() and "EXT4-fs error" not in vm.output()
-        run = runner(site, started["job_id"], "--once")
-        assert run.wait(timeout=180) == 0
-        assert job(site, started["job_id"])["state"] == "committed"
-        objects_differing(cluster, target, site["guest"] / "root.img")
+
+        boot_through(site, cluster, target, started["job_id"], restart)
     finally:
         fetcher.close()
+
+
+def boot_through(site: dict[str, Any], cluster: devcluster.ClusterInfo, target: str,
+                 job_id: str, fault: Callable[[], None]) -> None:
+    """Boot the guest on the staged ``target``, ``fault()`` once it is between its data
+    files (reading on), and check: its data right, no I/O error, then the job
+    relocated and committed and the image bit-exact."""
+    vm = vm_on(site, cluster, target, hold=0)
+    vm.start()
+    try:
+        vm.wait_for("RBD-RESTORE-GUEST-SUM")
+        fault()
+        vm.wait_for(site["info"]["marker"])
+        assert vm.sums() == site["info"]["sums"]
+        vm.wait_exit()
+    finally:
+        vm.stop()
+    assert "I/O error" not in vm.output() and "EXT4-fs error" not in vm.output()
+    run = runner(site, job_id, "--once")
+    assert run.wait(timeout=180) == 0
+    assert job(site, job_id)["state"] == "committed"
+    objects_differing(cluster, target, site["guest"] / "root.img")
 
 
 def test_fetcher_replica_killed_while_the_guest_boots_behind_haproxy(
@@ -77,25 +90,17 @@ def test_fetcher_replica_killed_while_the_guest_boots_behind_haproxy(
         started = cli.json("restore", site["backup"]["backup_id"], f"volumes/{target}",
                            "--mode", "instant")
         session_id = job(site, started["job_id"])["session_id"]
-        vm = vm_on(site, cluster, target, hold=0)
-        vm.start()
-        try:
-            vm.wait_for("RBD-RESTORE-GUEST-SUM")  # between its data files, reading on
-            [serving] = [r for r in replicas
-                         if r.control("GET", f"/v1/sessions/{session_id}/prefetch")[0] == 200]
-            serving.kill()
-            vm.wait_for(site["info"]["marker"])
-            assert vm.sums() == site["info"]["sums"]
-            vm.wait_exit()
-        finally:
-            vm.stop()
-        assert "I/O error" not in vm.output() and "EXT4-fs error" not in vm.output()
-        [survivor] = [r for r in replicas if r is not serving]
+        killed: list[FetcherProcess] = []
+
+        def kill_the_serving_replica() -> None:
+            killed.extend(r for r in replicas
+                          if r.control("GET", f"/v1/sessions/{session_id}/prefetch")[0] == 200)
+            assert len(killed) == 1
+            killed[0].kill()
+
+        boot_through(site, cluster, target, started["job_id"], kill_the_serving_replica)
+        [survivor] = [r for r in replicas if r is not killed[0]]
         assert survivor.metrics()["rbd_restore_fetcher_demand_chunks_total"] > 0
-        run = runner(site, started["job_id"], "--once")
-        assert run.wait(timeout=180) == 0
-        assert job(site, started["job_id"])["state"] == "committed"
-    objects_differing(cluster, target, site["guest"] / "root.img")
 
 
 def test_boot_and_relocation_through_s3_faults_are_bit_exact(

@@ -44,6 +44,16 @@ def holders(replicas: list[FetcherProcess], session_id: str) -> list[int]:
             if replica.control("GET", f"/v1/sessions/{session_id}/prefetch")[0] == 200]
 
 
+def read_and_compare(conn: http.client.HTTPConnection, path: str, whole: bytes,
+                     starts: list[int]) -> None:
+    """1 MiB range reads at ``starts`` on one keep-alive connection, each compared."""
+    for start in starts:
+        conn.request("GET", path, headers={"Range": f"bytes={start}-{start + MiB - 1}"})
+        reply = conn.getresponse()
+        assert reply.status == 206
+        assert reply.read() == whole[start:start + MiB]
+
+
 def header_block(url: str) -> int:
     """Bytes of a HEAD reply's header block, read off a socket of its own."""
     host, port, path = split(url)
@@ -72,11 +82,7 @@ def test_each_session_stays_on_one_replica_and_every_byte_comes_through(
             host, port, path = split(session["url"])
             conn = http.client.HTTPConnection(host, port, timeout=60)  # keep-alive, like librbd
             try:
-                for start in (0, 4 * MiB + 512, len(whole) - 3 * MiB):
-                    conn.request("GET", path, headers={"Range": f"bytes={start}-{start + MiB - 1}"})
-                    reply = conn.getresponse()
-                    assert reply.status == 206
-                    assert reply.read() == whole[start:start + MiB]
+                read_and_compare(conn, path, whole, [0, 4 * MiB + 512, len(whole) - 3 * MiB])
             finally:
                 conn.close()
             placed.append(holders(replicas, session["session_id"]))
@@ -99,11 +105,8 @@ def test_a_replica_killed_between_reads_loses_no_read_on_the_same_connection(
             assert conn.getresponse().read() == whole[:65536]
             [serving] = holders(replicas, session["session_id"])
             replicas[serving].kill()
-            for start in range(MiB, len(whole), 3 * MiB):  # the same client connection
-                conn.request("GET", path, headers={"Range": f"bytes={start}-{start + MiB - 1}"})
-                reply = conn.getresponse()
-                assert reply.status == 206
-                assert reply.read() == whole[start:start + MiB]
+            # The same client connection:
+            read_and_compare(conn, path, whole, list(range(MiB, len(whole), 3 * MiB)))
         finally:
             conn.close()
         assert holders([replicas[1 - serving]], session["session_id"]) == [0]
