@@ -86,7 +86,7 @@ def test_relocation_first_vm_midway_and_runner_killed(
         cluster: devcluster.ClusterInfo, site: dict[str, Any], target: str) -> None:
     cli: Cli = site["cli"]
     started = cli.json("restore", site["backup"]["backup_id"], f"volumes/{target}",
-                       "--mode", "instant", "--rate-limit", "3")
+                       "--mode", "instant", "--rate-limit", "1.5")
     first = runner(site)
     vm = vm_on(site, cluster, target, hold=60)
     try:
@@ -95,7 +95,9 @@ def test_relocation_first_vm_midway_and_runner_killed(
         vm.start()  # the lock moves to QEMU in the middle of the relocation
         vm.wait_for(site["info"]["marker"])
         assert vm.sums() == site["info"]["sums"]
-        # 3 MiB/s over the guest's 76 MiB: the relocation is still running here.
+        # 1.5 MiB/s over the guest's 72 MiB is 48 s; its TCG boot takes about 28 s (3 MiB/s
+        # once lost that race on a loaded CI machine). Progress counts objects, and the
+        # empty ones before the guest's data pass at once: percent > 5 is no head start.
         assert job(site, started["job_id"])["state"] == "relocating"
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)

@@ -338,3 +338,16 @@ def test_two_runner_processes_commit_every_job_of_several_exactly_once(
     for target, job_id in jobs.items():
         assert state(cli, job_id)["state"] == "committed"
         assert export_digest(cluster, f"volumes/{target}") == source["digest"]
+
+
+def test_a_rate_limited_relocation_reads_no_faster_than_its_limit(
+        cluster: devcluster.ClusterInfo, fetcher: FetcherProcess, source: dict[str, str],
+        images: list[str]) -> None:
+    cli = via(fetcher)
+    target, job_id = stage(fetcher, source, images, "--rate-limit", "4")  # 20 MiB: 5 s
+    started = time.monotonic()
+    run_once(cli, job_id)
+    elapsed = time.monotonic() - started
+    assert state(cli, job_id)["state"] == "committed"
+    assert elapsed >= 4.0
+    assert export_digest(cluster, f"volumes/{target}") == source["digest"]
