@@ -34,6 +34,7 @@ import urllib3.exceptions
 
 from rbd_restore.config import S3Settings, require
 from rbd_restore.errors import NotFoundError, UnavailableError, UserError
+from rbd_restore.repo import lean_get
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -109,6 +110,8 @@ def make_client(settings: S3Settings, max_connections: int = 32) -> S3Client:
 
 
 def _untrusted_certificate(exc: Exception) -> bool:
+    if isinstance(exc, lean_get.UntrustedCertificate):
+        return True
     return isinstance(exc, botocore.exceptions.SSLError) and (
         "CERTIFICATE_VERIFY_FAILED" in str(exc) or "doesn't match" in str(exc))
 
@@ -146,6 +149,8 @@ class ObjectStore:
         self.attempts = settings.max_attempts
         self.verify_uploads = settings.content_md5 != 0
         self.client = make_client(settings, max_connections)
+        self.lean = (lean_get.LeanGetter(self.client, self.bucket, settings, max_connections)
+                     if lean_get.usable() else None)
         # Told of every retry, with its kind: throttled, server, connection or damaged.
         self.on_retry: Callable[[str], None] | None = None
 
@@ -217,10 +222,13 @@ class ObjectStore:
         them against the ETag; larger ones, chunks and manifests, verify themselves."""
 
         def once() -> bytes:
-            reply = self.client.get_object(Bucket=self.bucket, Key=key)
-            data = reply["Body"].read()
+            if self.lean is not None:
+                data, etag = self.lean.get(key)
+            else:
+                reply = self.client.get_object(Bucket=self.bucket, Key=key)
+                data, etag = reply["Body"].read(), str(reply.get("ETag", ""))
             check = verify_etag if verify_etag is not None else len(data) <= SMALL_OBJECT
-            if check and not _etag_matches(str(reply.get("ETag", "")), data):
+            if check and not _etag_matches(etag, data):
                 raise _Damaged("body does not match its ETag")
             return data
 

@@ -1,0 +1,112 @@
+"""GETs through a presigned URL and urllib3 (rbd_restore/repo/lean_get.py), against RGW.
+
+The lean path must answer as botocore's did: the same bytes, the same errors
+for a missing key and refused credentials, retries through broken replies,
+and never the presigned URL (access key id, signature) in an error or its
+context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import traceback
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from rbd_restore import devcluster
+from rbd_restore.config import S3Settings, load
+from rbd_restore.errors import UnavailableError, UserError
+from rbd_restore.repo.store import AccessDenied, ObjectMissing, ObjectStore
+from tests.support.faultproxy import FaultPlan, FaultProxy
+
+
+@pytest.fixture
+def settings(cluster: devcluster.ClusterInfo) -> S3Settings:
+    return dataclasses.replace(load(str(cluster.config)).s3, max_attempts=3)
+
+
+@pytest.fixture
+def stored(settings: S3Settings) -> Iterator[tuple[str, bytes]]:
+    store = ObjectStore(settings)
+    key, data = f"lean-get/{uuid.uuid4().hex}", os.urandom(3 << 20)
+    store.put(key, data)
+    yield key, data
+    store.delete(key)
+
+
+def everything_said(exc: BaseException) -> str:
+    """The error's text with its whole chain, as a traceback would print it."""
+    return "".join(traceback.format_exception(exc, chain=True))
+
+
+def test_the_lean_path_reads_what_botocore_reads(settings: S3Settings,
+                                                 stored: tuple[str, bytes]) -> None:
+    key, data = stored
+    store = ObjectStore(settings)
+    assert store.lean is not None
+    assert store.get(key) == data
+    assert store.get(key, verify_etag=True) == data  # its ETag, from the lean reply
+    small = f"{key}-small"
+    store.put(small, b"manifest-sized")
+    try:
+        assert store.get(small) == b"manifest-sized"
+    finally:
+        store.delete(small)
+
+
+def test_errors_are_the_ones_the_callers_know(settings: S3Settings,
+                                              stored: tuple[str, bytes]) -> None:
+    key, _ = stored
+    with pytest.raises(ObjectMissing, match="does not exist"):
+        ObjectStore(settings).get(f"{key}-absent")
+    wrong = dataclasses.replace(settings, secret_key="not-the-secret-" + "x" * 25)
+    with pytest.raises(AccessDenied) as refused:
+        ObjectStore(wrong).get(key)
+    said = everything_said(refused.value)
+    assert "SignatureDoesNotMatch" in said
+    for secret in (settings.access_key, "X-Amz-Signature", "not-the-secret"):
+        assert secret not in said
+
+
+def test_an_unreachable_endpoint_names_no_credential(settings: S3Settings) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    gone = dataclasses.replace(settings, endpoint=f"http://127.0.0.1:{port}", max_attempts=2)
+    with pytest.raises(UnavailableError) as failed:
+        ObjectStore(gone).get("lean-get/anything")
+    said = everything_said(failed.value)
+    assert "unreachable after 2 attempts" in said
+    assert settings.access_key not in said and "X-Amz" not in said
+
+
+def test_broken_replies_are_retried_until_whole(cluster: devcluster.ClusterInfo,
+                                                settings: S3Settings,
+                                                stored: tuple[str, bytes]) -> None:
+    key, data = stored
+    host, port = cluster.s3_endpoint.removeprefix("http://").split(":")
+    plan = FaultPlan(rate=1.0, faults=("reset", "truncate", "error", "slowdown"), stall_seconds=2,
+                     only=(key,))
+    with FaultProxy(host, int(port), plan).running() as proxy:
+        faulty = ObjectStore(dataclasses.replace(settings, endpoint=proxy.endpoint,
+                                                 read_timeout=1, max_attempts=4))
+        with pytest.raises(UserError) as failed:
+            faulty.get(key)  # every attempt broken: a one-line error, never partial bytes
+        assert "4 attempts" in str(failed.value)
+        assert settings.access_key not in everything_said(failed.value)
+        retried: list[str] = []
+        faulty.on_retry = retried.append
+        plan.rate = 0.5
+        for _ in range(6):
+            assert faulty.get(key) == data
+        assert proxy.total_injected >= 5 and retried
+
+
+def test_a_proxy_in_the_environment_keeps_botocore(settings: S3Settings,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    assert ObjectStore(settings).lean is None
