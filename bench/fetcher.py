@@ -58,9 +58,9 @@ class Fetcher(FetcherProcess):
     ``extra_env`` on top of the bench cluster's configuration."""
 
     def __init__(self, cluster: devcluster.ClusterInfo, prefix: str, cache: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
-        super().__init__(cluster, cache, prefix, dict(extra_env or {}), ("--cache-size", "8G"),
-                         log_level="warning")
+                 extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+        super().__init__(cluster, cache, prefix, dict(extra_env or {}),
+                         ("--cache-size", "8G", *args), log_level="warning")
         self.start()
 
     def session(self, backup_id: str) -> str:

@@ -6,7 +6,7 @@ import compileall
 import sys
 from functools import partial
 
-from bench import backup_restore, boot, encryption, fetcher, mass, relocation, timelines
+from bench import backup_restore, boot, encryption, fetcher, guest, mass, relocation, timelines
 from bench.common import REPO_ROOT, bench_cluster, collect_rgw_garbage, write_reports
 
 
@@ -20,7 +20,8 @@ def main() -> int:
     # The relocation twice: S3 capped per connection (the cores are the limit here),
     # then behind one shared link (the link is the limit).
     for benchmark in (boot.run, relocation.run, partial(relocation.run, cap="link"),
-                      backup_restore.run, encryption.run, fetcher.run, mass.run, timelines.run):
+                      backup_restore.run, encryption.run, fetcher.run, mass.run, guest.run,
+                      timelines.run):
         collect_rgw_garbage(cluster)  # what the previous one (or an earlier run) deleted
         reports.append(benchmark(cluster))
     collect_rgw_garbage(cluster)

@@ -90,6 +90,8 @@ class FetcherSettings:
     session_max_age_days: int = 30
     prefetch_slots: int = 0  # 0: three quarters of s3_concurrency; the rest is kept for demand
     boot_window_seconds: int = 120
+    # restore: ready waits up to this long copying the boot profile into the image; 0: never
+    boot_set_seconds: int = 1
     relocation_window_min: int = 8
     relocation_window_max: int = 64
     cold_prefetch: str = "8M"

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from rbd_restore.errors import AlreadyExistsError, NotFoundError, UnavailableError, UserError
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 STATE_NAMES = {
@@ -164,3 +168,63 @@ def abort(ioctx: Any, name: str) -> None:
         rbd.RBD().migration_abort(ioctx, name)
     except rbd.ImageBusy:
         raise ImageInUse(f"image {name} became busy; abort refused") from None
+
+
+COPY_ON_READ = "conf_rbd_clone_copy_on_read"
+HYDRATE_IN_FLIGHT = 8
+
+
+def hydrate(ioctx: Any, name: str, offsets: list[int], seconds: float) -> int:
+    """Copy the objects holding ``offsets`` (the boot profile, in first-read order) into
+    the staged image before a VM opens it; how many objects were asked for.
+
+    With copy-on-read, a read of an object not yet relocated copies the whole object
+    into the destination (measured with librbd 16.2.15 on import-only migrations);
+    the guest then reads it from RADOS instead of through librbd's qcow2 reader and
+    the fetcher. Copy-on-read happens only in the exclusive lock's holder, so the
+    lock is taken here and released before the image is handed over; the setting is
+    switched on for this client only (image metadata read at open, removed before
+    return), so a VM's own reads never copy up. Stops at ``seconds``, or at a failed
+    read (logged): what is left of the profile the fetcher still stages in memory."""
+    import rbd
+
+    if not offsets or seconds <= 0:
+        return 0
+    deadline = time.monotonic() + seconds
+    with rbd.Image(ioctx, name) as image:
+        image.metadata_set(COPY_ON_READ, "true")
+    try:
+        with rbd.Image(ioctx, name) as image:
+            object_size = 1 << image.stat()["order"]
+            objects = list(dict.fromkeys(o // object_size for o in offsets
+                                         if 0 <= o < image.size()))
+            image.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+            try:
+                done = threading.Semaphore(0)
+                failed: list[int] = []
+
+                def finished(completion: Any, _data: bytes | None) -> None:
+                    if completion.get_return_value() < 0:
+                        failed.append(completion.get_return_value())
+                    done.release()
+
+                asked = answered = 0
+                for number in objects:
+                    if asked - answered >= HYDRATE_IN_FLIGHT:
+                        done.acquire()
+                        answered += 1
+                    if time.monotonic() > deadline or failed:
+                        break
+                    image.aio_read(number * object_size, 4096, finished)
+                    asked += 1
+                for _ in range(asked - answered):
+                    done.acquire()
+                image.flush()
+            finally:
+                image.lock_release()
+    finally:
+        with rbd.Image(ioctx, name) as image:
+            image.metadata_remove(COPY_ON_READ)
+    if failed:  # the VM reads what is missing through the fetcher, as without a profile
+        log.warning("copying the boot profile into %s stopped (errno %d)", name, -failed[0])
+    return asked

@@ -68,7 +68,8 @@ def _swap(site: Site, target: ops.Placement, backup_id: str, mode: str,
             restore_full(cluster, open_repository(site.cfg), backup_id, target.image)
         else:
             job_id = instant.start(cluster, ControlClient(site.cfg.fetcher), backup_id,
-                                   target.image, replaces=aside if keep_old else "").id
+                                   target.image, replaces=aside if keep_old else "",
+                                   boot_set_seconds=site.cfg.fetcher.boot_set_seconds).id
         ops.grow_to(cluster, target.image, target.volume.size_gb)
         return job_id
 

@@ -42,7 +42,8 @@ def restore_instant(cfg: Config, backup_id: str, ref: ImageRef, wait: bool, as_j
     control = ControlClient(cfg.fetcher)
     with open_cluster(cfg) as cluster:
         record = instant.start(cluster, control, backup_id, ref,
-                               int(rate_limit_mib * (1 << 20)), history, relocate_after)
+                               int(rate_limit_mib * (1 << 20)), history, relocate_after,
+                               boot_set_seconds=cfg.fetcher.boot_set_seconds)
         if not as_json:
             typer.echo(f"ready: {ref} can boot now ({record.ready_seconds:.1f} s); "
                        f"job {record.id}")

@@ -23,10 +23,12 @@ from rbd_restore.cache.metrics import FetcherMetrics
 from rbd_restore.errors import NotFoundError, UnavailableError, UsageError, UserError
 from rbd_restore.fetcher.sessions import SessionBook
 from rbd_restore.prefetch.coordinator import Prefetcher
+from rbd_restore.prefetch.profiles import ProfileStore, VolumeKey
 from rbd_restore.repo.locks import RepositoryBusy
 from rbd_restore.repo.manifest import Manifest
 
 log = logging.getLogger(__name__)
+BOOT_SET_MAX = 4096  # chunks: 16 GiB of 4 MiB chunks, far more than any boot reads
 
 Blocking = Callable[..., Awaitable[Any]]
 Prime = Callable[[str, int, Manifest, tuple[str, ...]], Awaitable[None]]
@@ -119,7 +121,22 @@ class ControlPlane:
             self._spawn(self.prime(session.session_id, session.created, manifest,
                                    tuple(sizes["snapshots"])))
         self._spawn(self._count_sessions())
-        return web.json_response({**session.as_json(), **sizes}, status=201)
+        boot = await self.blocking(self._boot_offsets, manifest)
+        return web.json_response({**session.as_json(), **sizes, "boot_offsets": boot},
+                                 status=201)
+
+    def _boot_offsets(self, manifest: Manifest) -> list[int]:
+        """The volume's boot profile as disk offsets, first read first: what the restore
+        copies into the image before a VM opens it. Blocks (S3)."""
+        try:
+            profile = ProfileStore(self.book.repo).load(VolumeKey.of(manifest))
+        except UserError as exc:  # a damaged or unreadable profile: restore without one
+            log.warning("no boot set", extra={"backup": manifest.backup_id,
+                                              "reason": exc.message})
+            return []
+        if profile is None:
+            return []
+        return [chunk * profile.chunk_size for chunk in profile.chunks()[:BOOT_SET_MAX]]
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         sessions = await self.blocking(self.book.list)

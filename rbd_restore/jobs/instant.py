@@ -23,11 +23,13 @@ from rbd_restore.jobs.store import JobRecord, JobStore, new_job_id, now_iso
 
 def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRef,
           rate_limit_bytes_per_s: int = 0, history: int = 0,
-          relocate_after_seconds: float = 0.0, replaces: str = "") -> JobRecord:
+          relocate_after_seconds: float = 0.0, replaces: str = "",
+          boot_set_seconds: float = 0.0) -> JobRecord:
     """Prepare ``ref`` so a VM can boot on it; the relocation is left to a job runner,
     which starts it no sooner than ``relocate_after_seconds`` from now. ``replaces``:
     an image the caller moved aside for this one, removed by the runner at the commit
-    (and put back by an abort)."""
+    (and put back by an abort). The volume's boot profile, when the fetcher has one,
+    is copied into the image first, for at most ``boot_set_seconds``."""
     started = time.monotonic()
     store = JobStore(cluster)
     with cluster.ioctx(ref.pool) as ioctx:
@@ -51,6 +53,8 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
                                       allocation_marks=tuple(float(m) for m in marks))
                 store.save(record)
                 lazy_clone.prepare(ioctx, ref.name, session["url"])
+                boot_set = [int(o) for o in session.get("boot_offsets") or []]
+                hydrated = lazy_clone.hydrate(ioctx, ref.name, boot_set, boot_set_seconds)
             except BaseException as exc:
                 if isinstance(exc, AlreadyExistsError) or (
                         isinstance(exc, Exception) and not image_exists(ioctx, ref.name)):
@@ -62,6 +66,7 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
                     store.remove(record)
                 raise  # else (interrupted, or an image exists) a runner finishes it
             record = record.with_(state="staged", ready_seconds=time.monotonic() - started,
+                                  boot_set_objects=hydrated,
                                   image_id=lazy_clone.image_id(ioctx, ref.name))
             store.save(record)
     return record

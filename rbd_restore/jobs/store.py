@@ -54,6 +54,7 @@ class JobRecord:
     rate_bytes_per_s: float = 0.0
     error: str = ""
     ready_seconds: float = 0.0
+    boot_set_objects: int = 0  # objects of the boot profile copied in before ready
     committed_seconds: float = 0.0
     relocate_after: str = ""  # ISO time before which no runner relocates; "": at once
     attempts: int = 0  # relocation attempts in a row that failed without progress
@@ -110,7 +111,8 @@ class JobRecord:
                 "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
                 "error": self.error or None, "session_id": self.session_id,
                 "created": self.created, "updated": self.updated,
-                "relocate_after": self.relocate_after or None}
+                "relocate_after": self.relocate_after or None,
+                "boot_set_objects": self.boot_set_objects}
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()

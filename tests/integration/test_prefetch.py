@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rados
 import rbd
 
 from rbd_restore import devcluster
@@ -22,6 +23,7 @@ CHUNK = MiB
 DATA = 192 * MiB  # 192 chunks of random data, then zeros
 # No heuristic and a one-chunk first window: only a profile can make guest reads hits.
 QUIET = {"cold_prefetch": "0", "relocation_window_min": "1"}
+NO_BOOT_SET = {"RBD_RESTORE_FETCHER_BOOT_SET_SECONDS": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,8 @@ def test_profile_recorded_then_replayed_from_the_cache(
 
         replayer = fetcher_for(cluster, volume, tmp_path / "second", **QUIET)
         try:
-            cli = Cli(cluster, volume["prefix"], replayer.env_overrides)
+            # Served by the fetcher, not copied into the image first (next test).
+            cli = Cli(cluster, volume["prefix"], {**replayer.env_overrides, **NO_BOOT_SET})
             job, session = instant(cli, volume, target := f"pf-b-{uuid.uuid4().hex[:6]}")
             try:
                 state = wait_for_profile(replayer, session, len(recorded))
@@ -132,6 +135,60 @@ def test_profile_recorded_then_replayed_from_the_cache(
     cli.run("profile", "clear", f"volumes/{volume['name']}").check_returncode()
     assert "no boot profile" in cli.fails("profile", "show", f"volumes/{volume['name']}")
     assert "no boot profile" in cli.fails("profile", "clear", f"volumes/{volume['name']}")
+
+
+def test_the_profile_is_in_the_image_when_the_restore_is_ready(
+        cluster: devcluster.ClusterInfo, rados_cluster: Any, volume: dict[str, Any],
+        tmp_path: Path) -> None:
+    reads = boot_like_reads(random.Random(21))
+    with rados_cluster.open_ioctx("volumes") as ioctx, \
+            rbd.Image(ioctx, volume["name"], read_only=True) as source:
+        recorder = fetcher_for(cluster, volume, tmp_path / "first", **QUIET)
+        try:
+            cli = Cli(cluster, volume["prefix"], {**recorder.env_overrides, **NO_BOOT_SET})
+            job, _ = instant(cli, volume, target := f"pf-h-{uuid.uuid4().hex[:6]}")
+            try:
+                replay(ioctx, target, reads, source)
+            finally:
+                cli.run("abort", job).check_returncode()  # the profile is saved
+        finally:
+            recorder.stop()
+        chunks = [e["chunk"] for e in cli.json("profile", "show",
+                                                f"volumes/{volume['name']}")["entries"]]
+        object_size = 1 << source.stat()["order"]
+        wanted = {c * CHUNK // object_size for c in chunks}
+        assert len(wanted) >= 10
+        restorer = fetcher_for(cluster, volume, tmp_path / "second", **QUIET)
+        try:
+            cli = Cli(cluster, volume["prefix"], {**restorer.env_overrides,
+                                                  "RBD_RESTORE_FETCHER_BOOT_SET_SECONDS": "30"})
+            job, _ = instant(cli, volume, target := f"pf-i-{uuid.uuid4().hex[:6]}")
+            try:
+                assert cli.json("status", job)["jobs"][0]["boot_set_objects"] == len(wanted)
+                with rbd.Image(ioctx, target) as image:
+                    prefix = image.stat()["block_name_prefix"]
+                    # Handed over as it was staged: no lock held, no copy-on-read left on.
+                    assert not list(image.list_lockers() or [])
+                    assert "conf_rbd_clone_copy_on_read" not in dict(image.metadata_list())
+                present = set()
+                for number in range(DATA // object_size):
+                    try:
+                        ioctx.stat(f"{prefix}.{number:016x}")
+                        present.add(number)
+                    except rados.ObjectNotFound:
+                        pass
+                assert present == wanted  # the profile's objects, and nothing else yet
+                before = counts(restorer, "guest", "relocation")
+                replay(ioctx, target, reads, source)  # the bytes, compared
+                after = counts(restorer, "guest", "relocation")
+            finally:
+                cli.run("abort", job).check_returncode()
+        finally:
+            restorer.stop()
+    # librbd reads the copied objects from RADOS: what reaches the fetcher is only what
+    # the profile missed.
+    assert sum(after.values()) - sum(before.values()) <= 0.2 * len(chunks)
+    cli.run("profile", "clear", f"volumes/{volume['name']}").check_returncode()
 
 
 def test_file_read_straight_through_is_in_the_next_profile(
