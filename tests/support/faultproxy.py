@@ -234,10 +234,17 @@ class FaultProxy:
             raise RuntimeError("fault proxy did not start")
 
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-            for task in asyncio.all_tasks(self._loop):
-                self._loop.call_soon_threadsafe(task.cancel)
+        loop, server = self._loop, self._server
+        if loop is not None and server is not None:
+            def shutdown() -> None:  # in the loop's thread: all_tasks is not thread-safe
+                server.close()
+                for task in asyncio.all_tasks(loop):
+                    task.cancel()
+
+            # Once the server is closed the loop may end and close before a second
+            # call_soon_threadsafe (it raised "Event loop is closed" in a test): one call.
+            with contextlib.suppress(RuntimeError):  # ended already
+                loop.call_soon_threadsafe(shutdown)
         if self._thread is not None:
             self._thread.join(timeout=10)
 
