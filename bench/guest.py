@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -109,12 +110,23 @@ class Site:
             job = cli(self.cluster, "restore", self.backup, f"volumes/{target}", "--mode",
                       "instant", env=fenv)["job_id"]
             ready = time.monotonic() - started
+            committed_at: list[float] = []
+
+            def watch() -> None:  # while the action runs: the commit may come first
+                deadline = time.monotonic() + 900
+                while time.monotonic() < deadline:
+                    if cli(self.cluster, "status", job, env=fenv)["jobs"][0][
+                            "state"] == "committed":
+                        committed_at.append(time.monotonic())
+                        return
+                    time.sleep(0.25)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
             result = action(target)
-            deadline = time.monotonic() + 900
-            while cli(self.cluster, "status", job, env=fenv)["jobs"][0]["state"] != "committed":
-                assert time.monotonic() < deadline, f"job {job} not committed"
-                time.sleep(0.5)
-            committed = time.monotonic() - started
+            watcher.join()
+            assert committed_at, f"job {job} not committed"
+            committed = committed_at[0] - started
         finally:
             fetcher.stop()
         _, ioctx = handles = open_volumes(self.cluster)

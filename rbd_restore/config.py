@@ -92,6 +92,11 @@ class FetcherSettings:
     boot_window_seconds: int = 120
     # restore: ready waits up to this long copying the boot profile into the image; 0: never
     boot_set_seconds: int = 1
+    # a restore without a profile: the relocation waits this long for a guest to start
+    # reading (8 reads; measured from the latest read: QEMU probes the disk first),
+    learn_wait_seconds: int = 5
+    # then until its reads stop this long (or the boot window ends); 0 and 0: never
+    learn_quiet_seconds: int = 3
     relocation_window_min: int = 8
     relocation_window_max: int = 64
     cold_prefetch: str = "8M"

@@ -35,6 +35,7 @@ from rbd_restore.jobs.metrics import RunnerMetrics
 from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
+LEARNING_POLL_SECONDS = 0.5
 
 SAVE_EVERY = 1.0
 RETRY_DELAYS = (1, 2, 5, 10, 20, 30, 60)
@@ -128,6 +129,7 @@ class JobRunner:
             held.check()
             self.metrics.held.touch(record.id)  # waiting as asked is not being stuck
             self.stopping.wait(min(due_in, 1.0))
+        self._await_learning(record, held)
         while not self.stopping.is_set():
             held.check()
             before = record.progress
@@ -161,6 +163,29 @@ class JobRunner:
             self._save(record)
             self.stopping.wait(delay)
         return record  # the runner is stopping; the job stays active for the next one
+
+    def _await_learning(self, record: JobRecord, held: Lease) -> None:
+        """A restore whose volume has no boot profile: the relocation starts once the
+        fetcher has seen the guest's boot (its session's ``learning``, see
+        prefetch/coordinator.py), so that the next restore of the volume can copy the
+        boot set into the image first. A fetcher that cannot say (another replica
+        without the session's state, an older fetcher, unreachable) does not hold it."""
+        if self.control is None or not record.session_id or record.progress > 0:
+            return
+        said = False
+        while not self.stopping.is_set():
+            held.check()
+            try:
+                if not self.control.prefetch(record.session_id).get("learning"):
+                    return
+            except UserError:
+                return
+            if not said:
+                log.info("job %s: relocation waits while the fetcher learns the guest's boot",
+                         record.id)
+                said = True
+            self.metrics.held.touch(record.id)
+            self.stopping.wait(LEARNING_POLL_SECONDS)
 
     def _step(self, ioctx: Any, record: JobRecord, held: Lease, progress: Progress | None,
               started: float) -> tuple[JobRecord, bool]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -191,6 +193,50 @@ def test_the_profile_is_in_the_image_when_the_restore_is_ready(
     cli.run("profile", "clear", f"volumes/{volume['name']}").check_returncode()
 
 
+def test_a_cold_restore_relocates_after_the_guest_booted_and_learns_all_of_it(
+        cluster: devcluster.ClusterInfo, rados_cluster: Any, volume: dict[str, Any],
+        tmp_path: Path) -> None:
+    Cli(cluster, volume["prefix"], {}).run("profile", "clear", f"volumes/{volume['name']}")
+    scattered = boot_like_reads(random.Random(31))
+    straight = [(offset, 256 * 1024) for offset in range(100 * MiB, 108 * MiB, 256 * 1024)]
+    reads = scattered[:30] + straight + scattered[30:]  # a file read through, mid-boot
+    touched = {c for offset, length in reads
+               for c in range(offset // CHUNK, (offset + length - 1) // CHUNK + 1)}
+    fetcher = fetcher_for(cluster, volume, tmp_path / "cache", learn_quiet_seconds="2",
+                          **QUIET)
+    try:
+        cli = Cli(cluster, volume["prefix"], fetcher.env_overrides)
+        job, _ = instant(cli, volume, target := f"pf-l-{uuid.uuid4().hex[:6]}")
+        runner = subprocess.Popen([sys.executable, "-m", "rbd_restore.cli", "jobs", "run",
+                                   job, "--once"], env=cli.env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        try:
+            with rados_cluster.open_ioctx("volumes") as ioctx, \
+                    rbd.Image(ioctx, volume["name"], read_only=True) as source:
+                time.sleep(2)  # a VM starts a moment after the restore is ready
+                for number, (offset, length) in enumerate(reads):
+                    replay(ioctx, target, [(offset, length)], source)
+                    if number % 10 == 0:  # still booting: nothing relocated
+                        assert cli.json("status", job)["jobs"][0]["state"] == "staged"
+                    time.sleep(0.05)
+                booted = time.monotonic()
+            assert runner.wait(timeout=120) == 0, runner.stderr
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+        assert time.monotonic() - booted >= 2  # it waited for the reads to stop
+        assert cli.json("status", job)["jobs"][0]["state"] == "committed"
+        assert export_digest(cluster, f"volumes/{target}") == export_digest(
+            cluster, f"volumes/{volume['name']}")
+    finally:
+        fetcher.stop()
+    profile = cli.json("profile", "show", f"volumes/{volume['name']}")
+    named = {e["chunk"] for e in profile["entries"]}
+    assert len(named & touched) >= 0.9 * len(touched)  # the straight read too
+    assert len(named & touched) >= 0.9 * len(named)
+    Cli(cluster, volume["prefix"], {}).run("profile", "clear", f"volumes/{volume['name']}")
+
+
 def test_file_read_straight_through_is_in_the_next_profile(
         cluster: devcluster.ClusterInfo, rados_cluster: Any, volume: dict[str, Any],
         tmp_path: Path) -> None:
@@ -211,7 +257,8 @@ def test_file_read_straight_through_is_in_the_next_profile(
         for round_no, cache in enumerate(("first", "second")):
             fetcher = fetcher_for(cluster, volume, tmp_path / cache, **QUIET)
             try:
-                cli = Cli(cluster, volume["prefix"], fetcher.env_overrides)
+                # The fetcher stages the profile in memory (not copied into the image).
+                cli = Cli(cluster, volume["prefix"], {**fetcher.env_overrides, **NO_BOOT_SET})
                 job, session = instant(cli, volume, target := f"pf-f-{uuid.uuid4().hex[:6]}")
                 try:
                     if round_no:
@@ -253,6 +300,8 @@ def wait_for_profile(fetcher: FetcherProcess, session: str, chunks: int) -> dict
 def test_relocation_reads_after_the_first_window_are_cache_hits(
         cluster: devcluster.ClusterInfo, rados_cluster: Any, volume: dict[str, Any],
         tmp_path: Path) -> None:
+    # No profile: nothing copied into the image before the relocation reads it.
+    Cli(cluster, volume["prefix"], {}).run("profile", "clear", f"volumes/{volume['name']}")
     fetcher = fetcher_for(cluster, volume, tmp_path / "cache")
     target = f"pf-r-{uuid.uuid4().hex[:6]}"
     try:
