@@ -59,6 +59,27 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def _key_created() -> str:
+    # To the microsecond: the newest key is the current one, and a key added in the
+    # second the repository was made (a first backup, then `key add`) tied with the
+    # first one in whole seconds, leaving the choice to the random key ids.
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+def _instant(created: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(created)
+    except ValueError:
+        return dt.datetime.min.replace(tzinfo=dt.UTC)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def newest(keys: list[DataKey]) -> DataKey:
+    """The current key: the most recently created (keys written before 2026-12-05 say
+    whole seconds, which sort before any later instant of the same second)."""
+    return max(keys, key=lambda k: (_instant(k.created), k.key_id))
+
+
 def _where(store: ObjectStore, layout: KeyLayout) -> str:
     return f"s3://{store.bucket}/{layout.prefix}"
 
@@ -140,7 +161,7 @@ def init(store: ObjectStore, layout: KeyLayout, credential: Credential,
     if next(iter(store.list_objects(layout.manifests_prefix)), None) is not None:
         raise UsageError(f"{where} holds format-1 backups; initialise a new prefix")
     repository_id = secrets.token_hex(16)
-    key = DataKey.generate(repository_id, _now())
+    key = DataKey.generate(repository_id, _key_created())
     _write_key(store, layout, credential, key, encryption)
     config = {"format_version": CONFIG_VERSION, "repository_id": repository_id,
               "encryption": encryption, "created": _now()}
@@ -222,7 +243,7 @@ def open_codec(store: ObjectStore, layout: KeyLayout, credential: Credential | N
         raise NotInitialised(f"no key of {where} opens with the {credential.kind} "
                              f"{credential.source}")
     keys = {k.key_id: k for k in opened}
-    current = max(opened, key=lambda k: (k.created, k.key_id))
+    current = newest(opened)
     return Codec(config["encryption"], keys, current, config["repository_id"])
 
 
@@ -234,7 +255,7 @@ def add_key(store: ObjectStore, layout: KeyLayout, codec: Codec, credential: Cre
     config = read_config(store, layout)
     if config is None or not codec.current:
         raise UsageError(f"{_where(store, layout)} is not a format-2 repository")
-    key = DataKey.generate(codec.repository_id, _now())
+    key = DataKey.generate(codec.repository_id, _key_created())
     if new_credential is None:
         shared = next((k.body["kdf"] for k in key_objects(store, layout, config, credential)
                        if k.key), None)

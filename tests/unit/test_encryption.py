@@ -186,3 +186,19 @@ def test_credential_files_must_be_private_and_long_enough(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="exclude"):
         keyring.load_credential(RepositorySettings(str(key_file), str(passphrase)))
     assert keyring.load_credential(RepositorySettings()) is None
+
+
+def test_the_newest_key_is_current_even_within_one_second() -> None:
+    repository_id = os.urandom(16).hex()
+    first = crypto.DataKey("f" * 16, os.urandom(32), repository_id,
+                           "2026-12-05T12:00:00.100000+00:00")
+    added = crypto.DataKey("0" * 16, os.urandom(32), repository_id,
+                           "2026-12-05T12:00:00.900000+00:00")
+    # Chosen by time, not by the random key id that broke the tie in whole seconds.
+    assert keyring.newest([first, added]) is added
+    assert keyring.newest([added, first]) is added
+    # Keys written before microseconds: a whole second sorts before its fractions.
+    old = crypto.DataKey("e" * 16, os.urandom(32), repository_id, "2026-12-05T12:00:00+00:00")
+    assert keyring.newest([first, old]) is first
+    assert keyring.newest([old, crypto.DataKey("1" * 16, os.urandom(32), repository_id,
+                                               "")]) is old
