@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -120,16 +119,10 @@ def main() -> int:
                            + (ROOT / "scripts" / "build-guest.py").read_bytes()
                            + f"{args.disk_size}:{_small_guest().kernel_release()}".encode()
                            ).hexdigest()[:16]
-    manifest_path = out / "guest.json"
-    if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text())
-        if existing.get("stamp") == stamp and all(
-                (out / f).exists() for f in ("vmlinuz", "initrd.img", "root.img")):
-            print(f"debian guest: cached in {out}")
-            return 0
-    info = build(out, args.disk_size)
-    info["stamp"] = stamp
-    manifest_path.write_text(json.dumps(info, indent=2) + "\n")
+    info = _small_guest().build_cached(out, stamp, "debian guest",
+                                       lambda: build(out, args.disk_size))
+    if info is None:
+        return 0
     print(f"debian guest: built in {out} ({info['files_bytes']} bytes of files, "
           f"kernel {info['kernel_release']})")
     return 0

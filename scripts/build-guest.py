@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,6 +204,24 @@ def build(out: Path, disk_bytes: int = DISK_BYTES, bulk_bytes: int = 0) -> dict[
             "written_file": "/written-by-guest"}
 
 
+def build_cached(out: Path, stamp: str, name: str, make: Callable[[], dict[str, object]]
+                 ) -> dict[str, object] | None:
+    """``make()`` the guest in ``out`` unless guest.json there carries ``stamp`` and the
+    kernel, initramfs and disk are all present (then None); record ``stamp`` with what
+    it returns."""
+    manifest_path = out / "guest.json"
+    if manifest_path.exists():
+        existing = json.loads(manifest_path.read_text())
+        if existing.get("stamp") == stamp and all(
+                (out / f).exists() for f in ("vmlinuz", "initrd.img", "root.img")):
+            print(f"{name}: cached in {out}")
+            return None
+    info = make()
+    info["stamp"] = stamp
+    manifest_path.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -213,16 +232,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = hashlib.sha256(Path(__file__).read_bytes()
                            + f"{args.disk_size}:{args.bulk}".encode()).hexdigest()[:16]
-    manifest_path = out / "guest.json"
-    if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text())
-        if existing.get("stamp") == stamp and all(
-                (out / f).exists() for f in ("vmlinuz", "initrd.img", "root.img")):
-            print(f"guest: cached in {out}")
-            return 0
-    info = build(out, args.disk_size, args.bulk)
-    info["stamp"] = stamp
-    manifest_path.write_text(json.dumps(info, indent=2) + "\n")
+    info = build_cached(out, stamp, "guest", lambda: build(out, args.disk_size, args.bulk))
+    if info is None:
+        return 0
     print(f"guest: built in {out} (kernel {info['kernel_release']})")
     return 0
 
