@@ -201,6 +201,8 @@ class FetcherService:
         first_end = min(wanted.end, wanted.start + WINDOW)
         segments = list(view.segments(wanted.start, first_end))
         prefetch = self.prefetch.session(claim.session_id, claim.created, view)
+        if wanted.start == 0:  # the qcow2 header: librbd's first read on every image open
+            prefetch.attach(request.transport)
         plan = self.prefetch.plan(prefetch, wanted.start, wanted.end, segments)
         request["reader"] = plan.reader
         states = [self.cache.state(piece.chunk_id) for piece in plan.slices]

@@ -128,11 +128,26 @@ class SessionPrefetch:
         self.last_data_read: float | None = None  # time.monotonic() of the latest
         self.learned = False
         self.data_reads = 0
+        self.clients: list[Any] = []  # connections that opened the image (HEAD): transports
+
+    def attach(self, transport: Any) -> None:
+        """A client opened the image: librbd 16.2.15 reads the qcow2 header on a new
+        connection on each open (no HEAD), and keeps that connection while the image is
+        open (a VM, for as long as it runs)."""
+        self.clients = [t for t in self.clients if not t.is_closing()]
+        if transport is not None and transport not in self.clients:
+            self.clients.append(transport)
+
+    def attached(self) -> int:
+        """Clients holding the image open now."""
+        return sum(1 for t in self.clients if not t.is_closing())
 
     def learning(self) -> bool:
         """Whether the relocation should wait: the volume has no profile yet, the boot
         window is open, and a guest is booting (it read less than ``learn_quiet_seconds``
-        ago) or may be about to (nothing read yet, ``learn_wait_seconds`` not over).
+        ago) or may be about to: it has the image open but has not started reading (QEMU
+        probes the first sector, then the kernel boots: 5-10 s under TCG on a busy host),
+        or nothing has opened it yet and ``learn_wait_seconds`` are not over.
 
         An object the relocation copies is read from RADOS from then on, out of the
         fetcher's sight: a relocation that outruns a cold boot leaves a profile of the
@@ -147,7 +162,7 @@ class SessionPrefetch:
             # Nothing yet, or QEMU's probe of the first sector before the kernel runs
             # (under TCG, 4 s before the guest's next read).
             since = self.last_data_read or self.tracked_since
-            waiting = now - since < self.settings.learn_wait_seconds
+            waiting = now - since < self.settings.learn_wait_seconds or self.attached() > 0
         else:
             waiting = now - (self.last_data_read or now) < self.settings.learn_quiet_seconds
         if not waiting or time.time() - self.recorder.opened_at > self.recorder.window_seconds:
@@ -162,7 +177,8 @@ class SessionPrefetch:
                 "recorded_chunks": len(self.recorder.first_touch),
                 "profile_saved": self.saved, "relocation_front": self.follower.front,
                 "relocation_reads": self.follower.reads,
-                "unique_chunks": len(self.view.unique_ids), "learning": self.learning()}
+                "unique_chunks": len(self.view.unique_ids), "learning": self.learning(),
+                "clients": self.attached()}
 
 
 class Prefetcher:

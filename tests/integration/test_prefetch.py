@@ -237,6 +237,52 @@ def test_a_cold_restore_relocates_after_the_guest_booted_and_learns_all_of_it(
     Cli(cluster, volume["prefix"], {}).run("profile", "clear", f"volumes/{volume['name']}")
 
 
+def test_a_vm_that_opened_the_image_holds_the_relocation_until_its_boot_read(
+        cluster: devcluster.ClusterInfo, rados_cluster: Any, volume: dict[str, Any],
+        tmp_path: Path) -> None:
+    """QEMU opens the image and probes its first sector, then the kernel boots for
+    seconds before the next read (5-10 s under TCG on a busy host): longer than
+    ``learn_wait_seconds``, yet the relocation must wait, or it copies the boot's
+    chunks before the guest reads them and the profile misses them."""
+    Cli(cluster, volume["prefix"], {}).run("profile", "clear", f"volumes/{volume['name']}")
+    reads = boot_like_reads(random.Random(37))
+    touched = {c for offset, length in reads
+               for c in range(offset // CHUNK, (offset + length - 1) // CHUNK + 1)}
+    fetcher = fetcher_for(cluster, volume, tmp_path / "cache", learn_wait_seconds="3",
+                          learn_quiet_seconds="2", **QUIET)
+    try:
+        cli = Cli(cluster, volume["prefix"], fetcher.env_overrides)
+        job, session = instant(cli, volume, target := f"pf-a-{uuid.uuid4().hex[:6]}")
+        assert fetcher.control("GET", f"/v1/sessions/{session}/prefetch")[1]["clients"] == 0
+        runner = subprocess.Popen([sys.executable, "-m", "rbd_restore.cli", "jobs", "run",
+                                   job, "--once"], env=cli.env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        try:
+            with rados_cluster.open_ioctx("volumes") as ioctx, \
+                    rbd.Image(ioctx, volume["name"], read_only=True) as source, \
+                    rbd.Image(ioctx, target, read_only=True) as vm:
+                assert vm.read(0, 512) == source.read(0, 512)  # the probe
+                time.sleep(4)  # the kernel boots: longer than learn_wait_seconds
+                state = fetcher.control("GET", f"/v1/sessions/{session}/prefetch")[1]
+                assert (state.get("clients"), state.get("learning")) == (1, True), state
+                assert cli.json("status", job)["jobs"][0]["state"] == "staged"
+                for offset, length in reads:
+                    assert vm.read(offset, length) == source.read(offset, length)
+            assert runner.wait(timeout=120) == 0, runner.stderr
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+        assert export_digest(cluster, f"volumes/{target}") == export_digest(
+            cluster, f"volumes/{volume['name']}")
+    finally:
+        fetcher.stop()
+    named = {e["chunk"] for e in cli.json("profile", "show",
+                                          f"volumes/{volume['name']}")["entries"]}
+    assert len(named & touched) >= 0.9 * len(touched)
+    assert len(named & touched) >= 0.9 * len(named)
+    Cli(cluster, volume["prefix"], {}).run("profile", "clear", f"volumes/{volume['name']}")
+
+
 def test_file_read_straight_through_is_in_the_next_profile(
         cluster: devcluster.ClusterInfo, rados_cluster: Any, volume: dict[str, Any],
         tmp_path: Path) -> None:
