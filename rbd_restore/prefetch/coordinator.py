@@ -155,8 +155,9 @@ class SessionPrefetch:
         relocation committed at 4.5 s, the boot read until 12 s). Waiting for the boot,
         the fetcher sees all of it; a restore with a profile copies it into the image
         before it is ready and relocates at once."""
-        if self.learned or self.primed_by == "profile" or self.recorder.finished:
-            return False
+        if self.learned or self.primed_by == "profile" or self.recorder.finished or (
+                self.settings.learn_wait_seconds <= 0 and self.settings.learn_quiet_seconds <= 0):
+            return False  # (both 0: learning turned off, the relocation at once)
         now = time.monotonic()
         if self.data_reads < LEARN_STARTED_READS:
             # Nothing yet, or QEMU's probe of the first sector before the kernel runs
