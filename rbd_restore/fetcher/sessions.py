@@ -5,7 +5,8 @@ Open sessions are recorded as ``sessions/open/<id>.json`` and closed ones as
 restarted fetcher or another replica with the same secret knows them without
 shared state of its own. Each replica refreshes its view of the closed list
 every few seconds and also asks the bucket directly when a client opens the
-file (HEAD), which librbd does first on every image open.
+file: a HEAD, or a read from its first byte (librbd 16.2.15 opens a qcow2
+source by reading its header, without a HEAD).
 
 The methods that touch the bucket block; the server calls them in its executor.
 """
