@@ -173,12 +173,8 @@ class FetcherService:
             return close_after_reply(_plain(404, "not found"))
         self.guards["data"].trust(request)
         try:
-            # A client opening the file (librbd 16.2.15 reads the qcow2 header on a new
-            # connection, no HEAD) is told at once when another replica closed it.
-            opening = request.method == "HEAD" or request.headers.get(
-                "Range", "bytes=0-").startswith("bytes=0-")
-            if opening and await self.blocking(self.book.is_closed_in_bucket,
-                                               claim.session_id):
+            if request.method == "HEAD" and await self.blocking(
+                    self.book.is_closed_in_bucket, claim.session_id):
                 return _plain(404, "not found")
             view = await self.views.get(claim.backup_id, claim.history)
         except NotFoundError:

@@ -4,9 +4,11 @@ Open sessions are recorded as ``sessions/open/<id>.json`` and closed ones as
 ``sessions/closed/<id>`` in the repository's bucket (docs/format.md), so a
 restarted fetcher or another replica with the same secret knows them without
 shared state of its own. Each replica refreshes its view of the closed list
-every few seconds and also asks the bucket directly when a client opens the
-file: a HEAD, or a read from its first byte (librbd 16.2.15 opens a qcow2
-source by reading its header, without a HEAD).
+every few seconds and also asks the bucket directly on a HEAD. librbd 16.2.15
+sends none (it opens a qcow2 source by reading its header), so for librbd a
+session closed on another replica ends within the refresh interval; asking the
+bucket on every image open would add an S3 round trip to each, and a restore
+opens its image five times before it is ready.
 
 The methods that touch the bucket block; the server calls them in its executor.
 """
