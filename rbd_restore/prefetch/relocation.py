@@ -109,6 +109,19 @@ class RelocationFollower:
         self.held: set[int] = set()
         self.reads = 0
 
+    def defer_start(self) -> bool:
+        """Stop expecting the relocation at the first object (it will not start yet);
+        whether it was expected."""
+        primed = [s for s in self.streams if s.front == -1 and s.start == -1]
+        for stream in primed:
+            self.streams.remove(stream)
+        return bool(primed)
+
+    def expect_start(self) -> None:
+        """The relocation starts at the first object now."""
+        if not any(s.front == -1 for s in self.streams):
+            self.streams.append(Stream(-1, 2, self.reads))
+
     @property
     def front(self) -> int:
         """Where the busiest stream (the relocation, as a rule) has got to."""

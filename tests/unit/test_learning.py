@@ -55,3 +55,14 @@ def test_a_volume_with_a_profile_does_not_learn() -> None:
     state = session(wait=5, quiet=3)
     state.primed_by = "profile"
     assert not state.learning()
+
+
+def test_a_learning_session_stages_no_relocation_window_until_the_learning_ends() -> None:
+    state = session(wait=5, quiet=3)
+    assert state.follower.ahead(2) == [0, 1]  # primed: the relocation starts at once
+    assert state.follower.defer_start()
+    assert state.follower.ahead(2) == []  # a relocation waiting for the boot
+    state.follower.expect_start()
+    assert state.follower.ahead(2) == [0, 1]
+    state.follower.expect_start()  # once
+    assert len(state.follower.streams) == 1
