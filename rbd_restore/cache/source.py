@@ -64,19 +64,15 @@ class DecodeGate:
                 self.changed.notify_all()
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 class S3ChunkSource:
     def __init__(self, repo: Repository, executor: Executor, metrics: FetcherMetrics,
-                 stall_seconds: float, decode_slots: int = 0) -> None:
+                 stall_seconds: float) -> None:
         self.repo = repo
         self.executor = executor
         self.metrics = metrics
         self.stall_seconds = stall_seconds
         self.on_fetched: Callable[[int, float], None] | None = None  # (bytes, seconds)
-        self.gate = DecodeGate(decode_slots or usable_cores())
+        self.gate = DecodeGate(len(os.sched_getaffinity(0)))  # the cores it may use
 
     def _decode(self, chunk_id: str, stored: bytes, length: int, demand: bool) -> bytes:
         with self.gate.held(demand):

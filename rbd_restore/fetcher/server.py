@@ -52,8 +52,9 @@ from rbd_restore.fetcher.ranges import ByteRange, RangeNotSatisfiable, parse_ran
 from rbd_restore.fetcher.sessions import SessionBook
 from rbd_restore.fetcher.tls import server_context
 from rbd_restore.fetcher.views import ViewCache
-from rbd_restore.prefetch.coordinator import Prefetcher, PrefetchSettings
+from rbd_restore.prefetch.coordinator import Prefetcher
 from rbd_restore.prefetch.profiles import ProfileStore
+from rbd_restore.prefetch.session import PrefetchSettings
 from rbd_restore.qcow2.view import ChunkSlice, MetadataBytes, Segment
 from rbd_restore.repo import keyring
 from rbd_restore.repo.manifest import Manifest

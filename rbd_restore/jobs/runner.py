@@ -167,7 +167,7 @@ class JobRunner:
     def _await_learning(self, record: JobRecord, held: Lease) -> None:
         """A restore whose volume has no boot profile: the relocation starts once the
         fetcher has seen the guest's boot (its session's ``learning``, see
-        prefetch/coordinator.py), so that the next restore of the volume can copy the
+        prefetch/session.py), so that the next restore of the volume can copy the
         boot set into the image first. A fetcher that cannot say (another replica
         without the session's state, an older fetcher, unreachable) does not hold it."""
         if self.control is None or not record.session_id or record.progress > 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from rbd_restore.prefetch.coordinator import PrefetchSettings, SessionPrefetch
+from rbd_restore.prefetch.session import PrefetchSettings, SessionPrefetch
 from rbd_restore.qcow2.view import Qcow2View
 from tests.unit.test_qcow2_view import build
 
