@@ -26,6 +26,7 @@ from bench.common import (
     median,
     open_volumes,
     timed,
+    write_reports,
 )
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
@@ -203,3 +204,13 @@ def _unchanged_backup(cluster: devcluster.ClusterInfo, ioctx: Any, pool: bytes,
         remove_image(ioctx, name)
         cfg = config_mod.load(str(cluster.config))
         _delete_prefix(make_client(cfg.s3), cluster.bucket, prefix)
+
+
+def main() -> Any:
+    path = write_reports([run()])
+    print(f"report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

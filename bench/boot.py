@@ -35,6 +35,7 @@ from bench.common import (
     median,
     open_volumes,
     timed,
+    write_reports,
 )
 from bench.fetcher import Fetcher
 from bench.trace import record, replay
@@ -379,4 +380,10 @@ def _used(cluster: devcluster.ClusterInfo, image: str) -> int:
 
 
 def main() -> Any:
-    return run()
+    path = write_reports([run()])
+    print(f"report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -39,7 +39,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.backup_restore import CHUNK, WORKERS, _delete_prefix, _extent, _pool_bytes
-from bench.common import Report, Row, bench_cluster, cli, map_all, median, open_volumes, timed
+from bench.common import (
+    Report,
+    Row,
+    bench_cluster,
+    cli,
+    map_all,
+    median,
+    open_volumes,
+    timed,
+    write_reports,
+)
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
@@ -280,4 +290,10 @@ def floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: s
 
 
 def main() -> Any:
-    return run()
+    path = write_reports([run()])
+    print(f"report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -39,6 +39,7 @@ from bench.common import (
     median,
     open_volumes,
     timed,
+    write_reports,
 )
 from bench.fetcher import Fetcher, floor_cpu_per_gib
 from rbd_restore import config as config_mod
@@ -175,4 +176,10 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
 
 
 def main() -> Any:
-    return run()
+    path = write_reports([run()])
+    print(f"report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
