@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.vm import build_guest
+from tests.support.vm import KERNEL_ARGS, build_guest
 
 
 def record(out: Path, guest: Path | None = None) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def record(out: Path, guest: Path | None = None) -> dict[str, Any]:
             ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none",
              "-no-reboot", "-monitor", "none", "-serial", f"file:{Path(tmp) / 'console'}",
              "-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.img"),
-             "-append", "console=ttyS0 quiet panic=-1",
+             "-append", KERNEL_ARGS,
              "-drive", f"file={disk},format=raw,if=virtio",
              "-trace", f"enable=blk_co_preadv,file={fifo}"], check=True, timeout=300)
         reader.join(30)

@@ -103,7 +103,7 @@ class Demo:
             ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none",
              "-no-reboot", "-monitor", "none", "-serial", f"file:{console}",
              "-kernel", str(GUEST / "vmlinuz"), "-initrd", str(GUEST / "initrd.img"),
-             "-append", "console=ttyS0 quiet panic=-1",
+             "-append", "console=ttyS0 quiet panic=-1 no_timer_check",  # as tests/support/vm.py
              "-drive", f"file=rbd:volumes/{image}:conf={self.conf},format=raw,if=virtio,"
                        "cache=writeback"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
