@@ -25,8 +25,8 @@ from bench.common import (
     map_all,
     median,
     open_volumes,
+    run_alone,
     timed,
-    write_reports,
 )
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
@@ -207,9 +207,7 @@ def _unchanged_backup(cluster: devcluster.ClusterInfo, ioctx: Any, pool: bytes,
 
 
 def main() -> Any:
-    path = write_reports([run()])
-    print(f"report: {path}")
-    return path
+    return run_alone(run)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from bench.common import (
     map_all,
     median,
     open_volumes,
+    run_alone,
     timed,
-    write_reports,
 )
 from bench.fetcher import Fetcher
 from bench.trace import record, replay
@@ -380,9 +380,7 @@ def _used(cluster: devcluster.ClusterInfo, image: str) -> int:
 
 
 def main() -> Any:
-    path = write_reports([run()])
-    print(f"report: {path}")
-    return path
+    return run_alone(run)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,13 @@ def write_reports(reports: list[Report]) -> Path:
     return path
 
 
+def run_alone(run: Callable[[], Report]) -> Path:
+    """One benchmark on its own (``python -m bench.NAME``): its report written."""
+    path = write_reports([run()])
+    print(f"report: {path}")
+    return path
+
+
 def _sections(markdown: str) -> dict[str, str]:
     """The ``### report`` sections of a latest.md, by report name."""
     sections: dict[str, str] = {}

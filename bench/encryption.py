@@ -34,7 +34,7 @@ from bench.common import (
     drop_caches,
     median,
     open_volumes,
-    write_reports,
+    run_alone,
 )
 from bench.trace import record, replay
 from rbd_restore import config as config_mod
@@ -174,9 +174,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3) -> Report:
 
 
 def main() -> Any:
-    path = write_reports([run()])
-    print(f"report: {path}")
-    return path
+    return run_alone(run)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ from bench.common import (
     map_all,
     median,
     open_volumes,
+    run_alone,
     timed,
-    write_reports,
 )
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
@@ -290,9 +290,7 @@ def floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: s
 
 
 def main() -> Any:
-    path = write_reports([run()])
-    print(f"report: {path}")
-    return path
+    return run_alone(run)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ from bench.common import (
     map_all,
     median,
     open_volumes,
+    run_alone,
     timed,
-    write_reports,
 )
 from bench.fetcher import Fetcher, floor_cpu_per_gib
 from rbd_restore import config as config_mod
@@ -176,9 +176,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
 
 
 def main() -> Any:
-    path = write_reports([run()])
-    print(f"report: {path}")
-    return path
+    return run_alone(run)
 
 
 if __name__ == "__main__":
