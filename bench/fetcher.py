@@ -13,7 +13,9 @@ URLs, urllib3: no botocore on the data path) and opens, decompresses and
 verifies each (the repository's codec, as the fetcher must), with the allocator
 settings the fetcher uses (rbd_restore/allocator.py: a fresh 4 MiB buffer
 costs page faults here; the same process without them spends 1.9 CPU-s per GiB
-instead of 1.1).
+instead of 1.1). Serving the bytes is not in that floor; what sending them
+costs by itself is measured too (the serving floor: one process answering a
+reader's 4 MiB requests with a bare blocking ``sendall`` over loopback TCP).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import http.client
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -150,7 +153,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
     count = data_gib * 256
     pool = _pool_bytes()
     samples: dict[str, list[float]] = {"cold": [], "get": [], "warm": [], "p99": [], "rss": [],
-                                       "rss_cold": [], "cpu": [], "floor": []}
+                                       "rss_cold": [], "cpu": [], "floor": [], "send": []}
     workdir = Path(tempfile.mkdtemp(dir=str(cluster.dir)))
     try:
         rbd.RBD().create(ioctx, name, count * CHUNK, old_format=False)
@@ -177,6 +180,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
             finally:
                 fetcher.stop()
             samples["floor"].append(floor_cpu_per_gib(cluster, prefix, backup_id, data_gib))
+            samples["send"].append(send_floor_cpu_per_gib(data_gib))
             # A sequential reader's chunks pass through memory and stay out of the disk
             # cache by default; a warm cache is one that holds them: filled here by a
             # first pass of a fetcher that keeps every chunk on disk (memory_cache = 0).
@@ -219,6 +223,12 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                    samples["cpu"]))
     report.add(Row("floor: GET (presigned, urllib3) + open + decompress + verify",
                    "CPU-s per GiB", median(samples["floor"]), "s", runs=samples["floor"]))
+    report.add(Row("serving floor: the same bytes sent over loopback TCP (bare sendall)",
+                   "CPU-s per GiB", median(samples["send"]), "s", runs=samples["send"]))
+    both = [f + s for f, s in zip(samples["floor"], samples["send"], strict=True)]
+    report.add(Row("cold sequential 4 MiB reads: fetcher CPU", "CPU-s per GiB",
+                   median(samples["cpu"]), "s", "floor + serving floor, same run",
+                   median(both), runs=samples["cpu"]))
     report.add(Row("warm sequential 4 MiB reads", "throughput", median(samples["warm"]),
                    "MiB/s", target=">= 300 MB/s", runs=samples["warm"]))
     report.add(Row("warm 4 KiB random reads", "p99 latency", median(samples["p99"]), "ms",
@@ -287,6 +297,51 @@ def floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: s
     done = subprocess.run([sys.executable, "-c", FLOOR, str(cluster.config), prefix, backup_id],
                           check=True, capture_output=True, text=True)
     return float(json.loads(done.stdout)) / data_gib
+
+
+SEND_FLOOR = """
+import json, os, resource, socket, sys
+count, port = int(sys.argv[1]), int(sys.argv[2])
+buffers = [os.urandom(4 << 20) for _ in range(4)]
+sock = socket.create_connection(("127.0.0.1", port))
+started = resource.getrusage(resource.RUSAGE_SELF)
+for i in range(count):
+    assert sock.recv(1) == b"?"
+    sock.sendall(buffers[i % 4])
+done = resource.getrusage(resource.RUSAGE_SELF)
+sock.close()
+print(json.dumps(done.ru_utime + done.ru_stime - started.ru_utime - started.ru_stime))
+"""
+
+
+def send_floor_cpu_per_gib(data_gib: int) -> float:
+    """CPU-seconds per GiB that sending the bytes costs a process by itself: the serving
+    part of the fetcher's work, which the floor above leaves out."""
+    count = data_gib * 256
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sender = subprocess.Popen([sys.executable, "-c", SEND_FLOOR, str(count),
+                                   str(listener.getsockname()[1])],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                buffer = memoryview(bytearray(CHUNK))
+                for _ in range(count):
+                    conn.sendall(b"?")
+                    received = 0
+                    while received < CHUNK:
+                        got = conn.recv_into(buffer[received:])
+                        if not got:
+                            raise RuntimeError("the serving floor's sender closed early")
+                        received += got
+            out, _ = sender.communicate(timeout=300)
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.wait()
+    if sender.returncode != 0:
+        raise RuntimeError(f"the serving floor's sender failed ({sender.returncode})")
+    return float(json.loads(out)) / data_gib
 
 
 def main() -> Any:
