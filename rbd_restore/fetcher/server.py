@@ -252,11 +252,15 @@ class FetcherService:
         self.padded_connections.add(connection)
         return padded(status, headers)
 
-    async def _assemble(self, segments: list[Segment], in_memory: bool = False) -> bytes:
-        pieces: list[Awaitable[bytes]] = [self._segment_bytes(s, in_memory) for s in segments]
+    async def _assemble(self, segments: list[Segment],
+                        in_memory: bool = False) -> bytes | memoryview:
+        if len(segments) == 1:  # a cluster of one chunk: sent from the chunk itself
+            return await self._segment_bytes(segments[0], in_memory)
+        pieces: list[Awaitable[bytes | memoryview]] = [self._segment_bytes(s, in_memory)
+                                                       for s in segments]
         return b"".join(await asyncio.gather(*pieces))
 
-    async def _segment_bytes(self, segment: Segment, in_memory: bool) -> bytes:
+    async def _segment_bytes(self, segment: Segment, in_memory: bool) -> bytes | memoryview:
         if isinstance(segment, MetadataBytes):
             return segment.data
         assert isinstance(segment, ChunkSlice)

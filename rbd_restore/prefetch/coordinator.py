@@ -155,7 +155,7 @@ class Prefetcher:
             try:
                 head = await self.cache.read(view.unique_ids[first], view.unique_lengths[first],
                                              0, PARTITION_TABLE_BYTES)
-                starts = partition_starts(head)
+                starts = partition_starts(bytes(head))
             except UserError:
                 pass  # the guest's own read will meet the failure and report it
         return heuristic_chunks(view.manifest, self.settings.cold_head_bytes, starts)

@@ -210,3 +210,22 @@ def test_relocation_chunks_staged_in_memory_leave_it_when_room_is_needed(
     assert metrics.prefetch_wasted_bytes.labels("relocation")._value.get() == 4096
     assert metrics.prefetch_used_bytes.labels("relocation")._value.get() == 4096
     assert s3.fetched.count(first[0]) == 1
+
+
+def test_part_of_a_chunk_in_memory_is_served_from_it_without_a_copy(tmp_path: Path) -> None:
+    s3 = SlowS3()
+    with ThreadPoolExecutor(2) as pool:
+        cache = ChunkCache(tmp_path, 1 << 30, s3.fetch, pool, FetcherMetrics(),
+                           memory_bytes=4 * 4096)
+        (wanted, length), data = ids(range(7, 8))[0], chunk(7)[1]
+
+        async def scenario() -> None:
+            await cache.stage(wanted, length, "relocation", pool, in_memory=True)
+            half = await cache.read(wanted, length, 2048, 2048)
+            assert isinstance(half, memoryview) and half.obj is cache.hot[wanted]
+            assert half == data[2048:]
+            assert await cache.read(wanted, length, 0, length) is cache.hot[wanted]
+            past_end = await cache.read(wanted, length, 4000, 200)
+            assert past_end == data[4000:] + bytes(104)
+
+        asyncio.run(scenario())
