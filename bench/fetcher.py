@@ -292,10 +292,14 @@ print(json.dumps(done.ru_utime + done.ru_stime - started.ru_utime - started.ru_s
 
 
 def floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: str,
-                       data_gib: float) -> float:
-    """CPU-seconds per GiB of the mandatory work of serving these chunks cold."""
+                      data_gib: float, endpoint: str | None = None) -> float:
+    """CPU-seconds per GiB of the mandatory work of serving these chunks cold.
+    ``endpoint``: the S3 endpoint the fetcher measured beside it used (the WAN model's
+    proxy): its GETs arrive paced, in more and smaller receives than from RGW
+    directly, and the floor must fetch the same way."""
+    env = {**os.environ, "RBD_RESTORE_S3_ENDPOINT": endpoint} if endpoint else None
     done = subprocess.run([sys.executable, "-c", FLOOR, str(cluster.config), prefix, backup_id],
-                          check=True, capture_output=True, text=True)
+                          check=True, capture_output=True, text=True, env=env)
     return float(json.loads(done.stdout)) / data_gib
 
 

@@ -304,7 +304,7 @@ def run(cluster: devcluster.ClusterInfo | None = None,
             drop_caches(work)
             _replays(site, count, samples)
             drop_caches(work)
-        floor = floor_cpu_per_gib(cluster, prefix, site.backups[0], floor_gib)
+        floor = floor_cpu_per_gib(cluster, prefix, site.backups[0], floor_gib, wan_endpoint)
     finally:
         if site is not None:
             handle, ioctx = open_volumes(cluster)

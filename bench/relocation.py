@@ -127,7 +127,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                 fetcher.stop()
                 remove_image(ioctx, target)
             samples["floor"].append(floor_cpu_per_gib(cluster, prefix, backup_id,
-                                                       data / (1 << 30)))
+                                                       data / (1 << 30), wan_endpoint))
 
             target = f"reloc-ceph-{run_no}-{uuid.uuid4().hex[:4]}"
             rbd.RBD().migration_prepare_import(ceph_spec, ioctx, target)
