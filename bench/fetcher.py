@@ -305,8 +305,8 @@ def floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: s
 
 SEND_FLOOR = """
 import json, os, resource, socket, sys
-count, port = int(sys.argv[1]), int(sys.argv[2])
-buffers = [os.urandom(4 << 20) for _ in range(4)]
+count, size, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+buffers = [os.urandom(size) for _ in range(4)]
 sock = socket.create_connection(("127.0.0.1", port))
 started = resource.getrusage(resource.RUSAGE_SELF)
 for i in range(count):
@@ -318,22 +318,23 @@ print(json.dumps(done.ru_utime + done.ru_stime - started.ru_utime - started.ru_s
 """
 
 
-def send_floor_cpu_per_gib(data_gib: int) -> float:
-    """CPU-seconds per GiB that sending the bytes costs a process by itself: the serving
-    part of the fetcher's work, which the floor above leaves out."""
-    count = data_gib * 256
+def send_floor_cpu_per_gib(data_gib: float, request_bytes: int = CHUNK) -> float:
+    """CPU-seconds per GiB that sending the bytes costs a process by itself, answering
+    one ``request_bytes`` request at a time: the serving part of the fetcher's work,
+    which the floor above leaves out."""
+    count = int(data_gib * (1 << 30)) // request_bytes
     with socket.create_server(("127.0.0.1", 0)) as listener:
         sender = subprocess.Popen([sys.executable, "-c", SEND_FLOOR, str(count),
-                                   str(listener.getsockname()[1])],
+                                   str(request_bytes), str(listener.getsockname()[1])],
                                   stdout=subprocess.PIPE, text=True)
         try:
             conn, _ = listener.accept()
             with conn:
-                buffer = memoryview(bytearray(CHUNK))
+                buffer = memoryview(bytearray(request_bytes))
                 for _ in range(count):
                     conn.sendall(b"?")
                     received = 0
-                    while received < CHUNK:
+                    while received < request_bytes:
                         got = conn.recv_into(buffer[received:])
                         if not got:
                             raise RuntimeError("the serving floor's sender closed early")

@@ -41,10 +41,11 @@ from bench.common import (
     run_alone,
     timed,
 )
-from bench.fetcher import Fetcher, floor_cpu_per_gib
+from bench.fetcher import Fetcher, floor_cpu_per_gib, send_floor_cpu_per_gib
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
+from rbd_restore.qcow2.view import MAX_CLUSTER_SIZE
 from rbd_restore.repo.store import make_client
 
 MiB = 1 << 20
@@ -78,7 +79,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
     report = Report(f"Relocation to a committed image, S3 behind 20 ms and "
                     f"{WAN_MODELS[cap]} ({data_mib} MiB of incompressible data)")
     samples: dict[str, list[float]] = {"ours": [], "ceph": [], "get": [], "import": [],
-                                       "cpu": [], "floor": []}
+                                       "cpu": [], "floor": [], "send": []}
     used: dict[str, int] = {}
     try:
         pool = _pool_bytes()
@@ -128,6 +129,8 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                 remove_image(ioctx, target)
             samples["floor"].append(floor_cpu_per_gib(cluster, prefix, backup_id,
                                                        data / (1 << 30), wan_endpoint))
+            # librbd reads the qcow2 file a 2 MiB cluster at a time.
+            samples["send"].append(send_floor_cpu_per_gib(data / (1 << 30), MAX_CLUSTER_SIZE))
 
             target = f"reloc-ceph-{run_no}-{uuid.uuid4().hex[:4]}"
             rbd.RBD().migration_prepare_import(ceph_spec, ioctx, target)
@@ -167,6 +170,11 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
     report.add(Row("relocation: fetcher CPU", "CPU-s per GiB", median(samples["cpu"]), "s",
                    "floor: GET + open + decompress + verify, one process",
                    median(samples["floor"]), "<= 1.3x (issue 18)", samples["cpu"]))
+    report.add(Row("serving floor: the same bytes sent over loopback TCP, 2 MiB a request",
+                   "CPU-s per GiB", median(samples["send"]), "s", runs=samples["send"]))
+    both = [f + s for f, s in zip(samples["floor"], samples["send"], strict=True)]
+    report.add(Row("relocation: fetcher CPU", "CPU-s per GiB", median(samples["cpu"]), "s",
+                   "floor + serving floor, same run", median(both), runs=samples["cpu"]))
     for key, label in (("ours", "rbd-restore"), ("ceph", "Ceph raw s3 import")):
         report.add(Row(f"rbd du USED after commit: {label}", "MiB", used.get(key, 0) / MiB,
                        "MiB", "data", data / MiB))
