@@ -1,5 +1,10 @@
 """Fetcher throughput and latency against parallel boto3 GETs of the same chunks.
 
+Those GETs only fetch; a fetcher must also open, decompress and verify every
+chunk, on the same two cores as RGW and the OSD. So the cold pass is also
+compared with the fastest that work can go here: the same parallel GETs, each
+chunk decoded as the fetcher must (one process, nothing served).
+
 Cold: sequential 4 MiB range reads over one keep-alive connection through an
 empty cache. Warm: the same reads from a disk cache that holds every chunk (a
 first pass by a fetcher with memory_cache = 0 fills it). Then 4 KiB random
@@ -153,7 +158,8 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
     count = data_gib * 256
     pool = _pool_bytes()
     samples: dict[str, list[float]] = {"cold": [], "get": [], "warm": [], "p99": [], "rss": [],
-                                       "rss_cold": [], "cpu": [], "floor": [], "send": []}
+                                       "rss_cold": [], "cpu": [], "floor": [], "send": [],
+                                       "decode_limit": []}
     workdir = Path(tempfile.mkdtemp(dir=str(cluster.dir)))
     try:
         rbd.RBD().create(ioctx, name, count * CHUNK, old_format=False)
@@ -205,6 +211,8 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
             with ThreadPoolExecutor(GET_THREADS) as ex:
                 secs, _ = timed(map_all, ex, get, keys)
             samples["get"].append(data_bytes / secs / MiB)
+            samples["decode_limit"].append(decode_limit_mib_s(cluster, prefix, backup_id,
+                                                              data_gib))
         samples["rss"].append(_rss_for_100_gib(cluster, cfg, prefix, backup_id, workdir))
     finally:
         remove_image(ioctx, name)
@@ -217,6 +225,12 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                    median(samples["get"]), ">= 0.9x", samples["cold"]))
     report.add(Row(f"parallel boto3 GET ({GET_THREADS} threads)", "throughput",
                    median(samples["get"]), "MiB/s", runs=samples["get"]))
+    limit = f"parallel GET + open + decompress + verify ({GET_THREADS} threads)"
+    report.add(Row(limit, "throughput", median(samples["decode_limit"]), "MiB/s",
+                   runs=samples["decode_limit"]))
+    report.add(Row("cold sequential 4 MiB reads (one connection)", "throughput",
+                   median(samples["cold"]), "MiB/s", limit, median(samples["decode_limit"]),
+                   runs=samples["cold"]))
     report.add(Row("cold sequential 4 MiB reads: fetcher CPU", "CPU-s per GiB",
                    median(samples["cpu"]), "s", "floor: GET + open + decompress + verify, "
                    "one process", median(samples["floor"]), "<= 1.3x (issue 18)",
@@ -266,7 +280,8 @@ def _rss_for_100_gib(cluster: devcluster.ClusterInfo, cfg: config_mod.Config, pr
 
 
 FLOOR = """
-import dataclasses, json, resource, sys
+import dataclasses, json, resource, sys, time
+from concurrent.futures import ThreadPoolExecutor
 import urllib3
 from rbd_restore import config
 from rbd_restore.allocator import reuse_large_buffers
@@ -275,20 +290,41 @@ reuse_large_buffers()
 cfg = config.load(sys.argv[1])
 repo = keyring.open_repository(dataclasses.replace(cfg.s3, prefix=sys.argv[2]), cfg.repository)
 manifest = repo.load_manifest(sys.argv[3])
+threads = int(sys.argv[4])
 ids = [c for c in manifest.chunks if c is not None]
 urls = [repo.store.client.generate_presigned_url(
     "get_object", Params={"Bucket": repo.store.bucket, "Key": repo.keys.chunk(c)})
     for c in ids]
 codec = repo.codec
-pool = urllib3.PoolManager(maxsize=1)
-started = resource.getrusage(resource.RUSAGE_SELF)
-for chunk_id, url in zip(ids, urls):
+pool = urllib3.PoolManager(maxsize=threads)
+
+def fetch(chunk_id, url):
     reply = pool.request("GET", url, preload_content=True)
     assert reply.status == 200, reply.status
     codec.decode_chunk(chunk_id, reply.data, manifest.chunk_size)
+
+began, started = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
+if threads == 1:
+    for chunk_id, url in zip(ids, urls):
+        fetch(chunk_id, url)
+else:
+    with ThreadPoolExecutor(threads) as workers:
+        list(workers.map(fetch, ids, urls))
 done = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps(done.ru_utime + done.ru_stime - started.ru_utime - started.ru_stime))
+print(json.dumps([done.ru_utime + done.ru_stime - started.ru_utime - started.ru_stime,
+                  time.monotonic() - began]))
 """
+
+
+def _floor_run(cluster: devcluster.ClusterInfo, prefix: str, backup_id: str, threads: int,
+               endpoint: str | None) -> tuple[float, float]:
+    """(CPU-seconds, wall seconds) of one process GETting, opening, decompressing and
+    verifying every chunk of the backup with ``threads`` threads."""
+    env = {**os.environ, "RBD_RESTORE_S3_ENDPOINT": endpoint} if endpoint else None
+    done = subprocess.run([sys.executable, "-c", FLOOR, str(cluster.config), prefix, backup_id,
+                           str(threads)], check=True, capture_output=True, text=True, env=env)
+    cpu, wall = json.loads(done.stdout)
+    return float(cpu), float(wall)
 
 
 def floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: str,
@@ -297,10 +333,15 @@ def floor_cpu_per_gib(cluster: devcluster.ClusterInfo, prefix: str, backup_id: s
     ``endpoint``: the S3 endpoint the fetcher measured beside it used (the WAN model's
     proxy): its GETs arrive paced, in more and smaller receives than from RGW
     directly, and the floor must fetch the same way."""
-    env = {**os.environ, "RBD_RESTORE_S3_ENDPOINT": endpoint} if endpoint else None
-    done = subprocess.run([sys.executable, "-c", FLOOR, str(cluster.config), prefix, backup_id],
-                          check=True, capture_output=True, text=True, env=env)
-    return float(json.loads(done.stdout)) / data_gib
+    return _floor_run(cluster, prefix, backup_id, 1, endpoint)[0] / data_gib
+
+
+def decode_limit_mib_s(cluster: devcluster.ClusterInfo, prefix: str, backup_id: str,
+                       data_gib: float) -> float:
+    """The fastest any fetcher could serve these chunks cold on this machine: the same
+    parallel GETs as the boto3 baseline, each chunk also opened, decompressed and
+    verified (the work the baseline skips), nothing served."""
+    return data_gib * 1024 / _floor_run(cluster, prefix, backup_id, GET_THREADS, None)[1]
 
 
 SEND_FLOOR = """
