@@ -237,12 +237,8 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                    samples["cpu"]))
     report.add(Row("floor: GET (presigned, urllib3) + open + decompress + verify",
                    "CPU-s per GiB", median(samples["floor"]), "s", runs=samples["floor"]))
-    report.add(Row("serving floor: the same bytes sent over loopback TCP (bare sendall)",
-                   "CPU-s per GiB", median(samples["send"]), "s", runs=samples["send"]))
-    both = [f + s for f, s in zip(samples["floor"], samples["send"], strict=True)]
-    report.add(Row("cold sequential 4 MiB reads: fetcher CPU", "CPU-s per GiB",
-                   median(samples["cpu"]), "s", "floor + serving floor, same run",
-                   median(both), runs=samples["cpu"]))
+    add_serving_rows(report, "cold sequential 4 MiB reads: fetcher CPU", samples,
+                     "4 MiB a request")
     report.add(Row("warm sequential 4 MiB reads", "throughput", median(samples["warm"]),
                    "MiB/s", target=">= 300 MB/s", runs=samples["warm"]))
     report.add(Row("warm 4 KiB random reads", "p99 latency", median(samples["p99"]), "ms",
@@ -342,6 +338,17 @@ def decode_limit_mib_s(cluster: devcluster.ClusterInfo, prefix: str, backup_id: 
     parallel GETs as the boto3 baseline, each chunk also opened, decompressed and
     verified (the work the baseline skips), nothing served."""
     return data_gib * 1024 / _floor_run(cluster, prefix, backup_id, GET_THREADS, None)[1]
+
+
+def add_serving_rows(report: Report, scenario: str, samples: dict[str, list[float]],
+                     requests: str) -> None:
+    """The serving floor's row and the fetcher's CPU (``samples["cpu"]``) against the
+    floor plus it, run by run (``samples["floor"]``, ``samples["send"]``)."""
+    report.add(Row(f"serving floor: the same bytes sent over loopback TCP, {requests}",
+                   "CPU-s per GiB", median(samples["send"]), "s", runs=samples["send"]))
+    both = [f + s for f, s in zip(samples["floor"], samples["send"], strict=True)]
+    report.add(Row(scenario, "CPU-s per GiB", median(samples["cpu"]), "s",
+                   "floor + serving floor, same run", median(both), runs=samples["cpu"]))
 
 
 SEND_FLOOR = """

@@ -41,7 +41,12 @@ from bench.common import (
     run_alone,
     timed,
 )
-from bench.fetcher import Fetcher, floor_cpu_per_gib, send_floor_cpu_per_gib
+from bench.fetcher import (
+    Fetcher,
+    add_serving_rows,
+    floor_cpu_per_gib,
+    send_floor_cpu_per_gib,
+)
 from rbd_restore import config as config_mod
 from rbd_restore import devcluster
 from rbd_restore.ceph import remove_image
@@ -170,11 +175,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
     report.add(Row("relocation: fetcher CPU", "CPU-s per GiB", median(samples["cpu"]), "s",
                    "floor: GET + open + decompress + verify, one process",
                    median(samples["floor"]), "<= 1.3x (issue 18)", samples["cpu"]))
-    report.add(Row("serving floor: the same bytes sent over loopback TCP, 2 MiB a request",
-                   "CPU-s per GiB", median(samples["send"]), "s", runs=samples["send"]))
-    both = [f + s for f, s in zip(samples["floor"], samples["send"], strict=True)]
-    report.add(Row("relocation: fetcher CPU", "CPU-s per GiB", median(samples["cpu"]), "s",
-                   "floor + serving floor, same run", median(both), runs=samples["cpu"]))
+    add_serving_rows(report, "relocation: fetcher CPU", samples, "2 MiB a request")
     for key, label in (("ours", "rbd-restore"), ("ceph", "Ceph raw s3 import")):
         report.add(Row(f"rbd du USED after commit: {label}", "MiB", used.get(key, 0) / MiB,
                        "MiB", "data", data / MiB))
