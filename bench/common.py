@@ -60,6 +60,32 @@ def open_volumes(cluster: devcluster.ClusterInfo) -> tuple[Any, Any]:
     return handle, handle.open_ioctx("volumes")
 
 
+class JobStates:
+    """Job states read from RADOS by this process, for the benchmarks that wait for a
+    commit while they measure. Each ``rbd-restore status`` process costs 0.3-0.4
+    CPU-seconds here (Python and its imports): polled every 0.25 s beside a booting
+    guest, it took half a core of the two that the guest, the fetcher and the cluster
+    share, and only the instant side of each comparison had it."""
+
+    def __init__(self, cluster: devcluster.ClusterInfo, pool: str = "volumes") -> None:
+        from rbd_restore import config as config_mod
+        from rbd_restore.ceph import Cluster
+        from rbd_restore.jobs.store import JobStore
+
+        self.pool = pool
+        self.ceph = Cluster(config_mod.load(str(cluster.config)).ceph)
+        self.store = JobStore(self.ceph)
+
+    def state(self, job_id: str) -> str:
+        record = self.store.load(self.pool, job_id)
+        if record is None:
+            raise RuntimeError(f"job {job_id} is not in pool {self.pool}")
+        return record.state
+
+    def close(self) -> None:
+        self.ceph.close()
+
+
 def timed(action: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
     """Seconds ``action(*args, **kwargs)`` took, and its result."""
     started = time.monotonic()

@@ -34,7 +34,16 @@ from typing import Any
 
 from bench.backup_restore import _delete_prefix
 from bench.boot import _boot, _proxy, _rr
-from bench.common import Report, Row, bench_cluster, cli, drop_caches, median, open_volumes
+from bench.common import (
+    JobStates,
+    Report,
+    Row,
+    bench_cluster,
+    cli,
+    drop_caches,
+    median,
+    open_volumes,
+)
 from bench.fetcher import Fetcher
 from bench.trace import record, replay
 from rbd_restore import config as config_mod
@@ -106,6 +115,7 @@ class Site:
                           args=("--run-jobs",))
         target = f"{name}-{uuid.uuid4().hex[:4]}"
         fenv = {**self.env, **fetcher.env_overrides}
+        states = JobStates(self.cluster)
         try:
             started = time.monotonic()
             job = cli(self.cluster, "restore", self.backup, f"volumes/{target}", "--mode",
@@ -116,8 +126,7 @@ class Site:
             def watch() -> None:  # while the action runs: the commit may come first
                 deadline = time.monotonic() + 900
                 while time.monotonic() < deadline:
-                    if cli(self.cluster, "status", job, env=fenv)["jobs"][0][
-                            "state"] == "committed":
+                    if states.state(job) == "committed":
                         committed_at.append(time.monotonic())
                         return
                     time.sleep(0.25)
@@ -129,6 +138,7 @@ class Site:
             assert committed_at, f"job {job} not committed"
             committed = committed_at[0] - started
         finally:
+            states.close()
             fetcher.stop()
         _, ioctx = handles = open_volumes(self.cluster)
         try:

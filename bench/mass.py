@@ -43,7 +43,16 @@ from typing import Any, TypeVar
 
 from bench.backup_restore import _delete_prefix
 from bench.boot import BANDWIDTH, RTT_MS, _p99_ms, _proxy, _used
-from bench.common import Report, Row, bench_cluster, cli, drop_caches, median, open_volumes
+from bench.common import (
+    JobStates,
+    Report,
+    Row,
+    bench_cluster,
+    cli,
+    drop_caches,
+    median,
+    open_volumes,
+)
 from bench.fetcher import Fetcher, floor_cpu_per_gib
 from bench.trace import record
 from rbd_restore import config as config_mod
@@ -116,6 +125,7 @@ class InstantRound:
         self.env = {**site.env, **self.fetcher.env_overrides}
         self.targets = [f"{name}-{i}-{uuid.uuid4().hex[:4]}" for i in range(count)]
         self.jobs: list[str] = ["" for _ in range(count)]
+        self.states = JobStates(site.cluster)
         self.cpu_before = self.fetcher.cpu_seconds()
         self.runner = subprocess.Popen(
             [sys.executable, "-m", "rbd_restore.cli", "jobs", "run", "--jobs", str(count),
@@ -131,8 +141,7 @@ class InstantRound:
         return self.targets[i]
 
     def state(self, i: int) -> str:
-        jobs = cli(self.site.cluster, "status", self.jobs[i], env=self.env)["jobs"]
-        return str(jobs[0]["state"])
+        return self.states.state(self.jobs[i])
 
     def wait_committed(self, timeout: float = 1800) -> None:
         deadline = time.monotonic() + timeout
@@ -163,6 +172,7 @@ class InstantRound:
                 if job and self.state(i) not in ("committed", "aborted"):
                     cli(self.site.cluster, "abort", job, env=self.env)
         finally:
+            self.states.close()
             self.fetcher.stop()
         handle, ioctx = open_volumes(self.site.cluster)
         try:
