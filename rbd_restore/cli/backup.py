@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,9 +12,12 @@ from rbd_restore.cli.context import load_config, open_cluster, open_repository, 
 from rbd_restore.errors import AlreadyExistsError, IntegrityError, UsageError, UserError
 from rbd_restore.output import print_json
 from rbd_restore.repo.chunks import DEFAULT_CHUNK_SIZE
-from rbd_restore.repo.maintenance import DEFAULT_GC_GRACE, collect_garbage, verify_backup
-from rbd_restore.repo.manifest import Manifest
 from rbd_restore.units import format_size, parse_size
+
+# The repository's stack (cryptography, urllib3, botocore) is imported by the commands
+# that open one: `restore --mode instant` and the job commands need none of it.
+if TYPE_CHECKING:
+    from rbd_restore.repo.manifest import Manifest
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, max=64,
@@ -117,19 +120,22 @@ def restore(
 
 def gc(
     ctx: typer.Context,
-    grace: Annotated[str, typer.Option("--grace", help="Keep unreferenced chunks younger "
-                                       "than this many seconds.")]
-    = str(int(DEFAULT_GC_GRACE.total_seconds())),
+    grace: Annotated[str | None, typer.Option("--grace", help="Keep unreferenced chunks "
+                                              "younger than this many seconds (default: an "
+                                              "hour).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count, delete nothing.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Delete chunks that no backup references (not while a backup runs)."""
-    if not grace.isdigit():
+    from rbd_restore.repo.maintenance import DEFAULT_GC_GRACE, collect_garbage
+
+    if grace is not None and not grace.isdigit():
         raise UsageError(f"--grace takes a number of seconds, not {grace!r}")
     repo = open_repository(load_config(ctx))
     with progress_bar("gc", not as_json) as progress:
-        result = collect_garbage(repo, dt.timedelta(seconds=int(grace)), dry_run=dry_run,
-                                 progress=progress)
+        result = collect_garbage(
+            repo, DEFAULT_GC_GRACE if grace is None else dt.timedelta(seconds=int(grace)),
+            dry_run=dry_run, progress=progress)
     for backup_id in result.unreadable_manifests:
         typer.echo(f"warning: backup {backup_id} has a manifest that fails validation; "
                    "gc kept every chunk it names", err=True)
@@ -218,7 +224,7 @@ def backups_verify(
 ) -> None:
     """Check that every chunk of a backup is stored (and with --deep, intact), or a
     random sample of the whole repository (--sample PERCENT)."""
-    from rbd_restore.repo.maintenance import verify_sample
+    from rbd_restore.repo.maintenance import verify_backup, verify_sample
 
     repo = open_repository(load_config(ctx))
     if sample is not None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import typer
 
 from rbd_restore import config as config_mod
 from rbd_restore.ceph import Cluster
-from rbd_restore.repo import keyring
-from rbd_restore.repo.repository import Repository
+
+if TYPE_CHECKING:
+    from rbd_restore.repo.repository import Repository
 
 
 def load_config(ctx: typer.Context) -> config_mod.Config:
@@ -23,6 +25,11 @@ def load_config(ctx: typer.Context) -> config_mod.Config:
 def open_repository(cfg: config_mod.Config, workers: int = 16,
                     create: bool = False) -> Repository:
     """``create``: an empty prefix becomes an encrypted repository (backups only)."""
+    # Imported here: the repository's stack (cryptography, urllib3, botocore) is a
+    # tenth of a second that commands working without one, `restore --mode instant`
+    # first of all, need not wait for.
+    from rbd_restore.repo import keyring
+
     return keyring.open_repository(cfg.s3, cfg.repository, workers + 8, create)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,12 +11,13 @@ from rbd_restore.cli.context import load_config
 from rbd_restore.config import Config, RepositorySettings
 from rbd_restore.errors import ConfigError
 from rbd_restore.output import print_json
-from rbd_restore.repo import keyring
-from rbd_restore.repo.codec import AUTHENTICATED, ENCRYPTED
-from rbd_restore.repo.crypto import Credential
 from rbd_restore.repo.layout import KeyLayout
-from rbd_restore.repo.repository import Repository
-from rbd_restore.repo.store import ObjectStore
+
+# The repository's stack (cryptography, urllib3, botocore) is imported by the commands
+# that use it: every other command would wait a tenth of a second for it at start.
+if TYPE_CHECKING:
+    from rbd_restore.repo.crypto import Credential
+    from rbd_restore.repo.store import ObjectStore
 
 key_app = typer.Typer(help="Add, list and remove the keys of an encrypted repository.",
                       no_args_is_help=True)
@@ -24,6 +25,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.
 
 
 def _credential(cfg: Config) -> Credential:
+    from rbd_restore.repo import keyring
+
     credential = keyring.load_credential(cfg.repository)
     if credential is None:
         raise ConfigError("set repository.key_file or repository.passphrase_file: it wraps "
@@ -32,6 +35,8 @@ def _credential(cfg: Config) -> Credential:
 
 
 def _where(cfg: Config) -> tuple[ObjectStore, KeyLayout]:
+    from rbd_restore.repo.store import ObjectStore
+
     return ObjectStore(cfg.s3), KeyLayout(cfg.s3.prefix)
 
 
@@ -41,6 +46,9 @@ def init(ctx: typer.Context,
              "are still authenticated by a keyed MAC and chunk ids keyed.")] = False,
          as_json: JsonOption = False) -> None:
     """Create a repository under s3.prefix: encrypted (AES-256-GCM) unless --plaintext."""
+    from rbd_restore.repo import keyring
+    from rbd_restore.repo.codec import AUTHENTICATED, ENCRYPTED
+
     cfg = load_config(ctx)
     store, layout = _where(cfg)
     codec = keyring.init(store, layout, _credential(cfg),
@@ -64,6 +72,8 @@ def key_add(ctx: typer.Context,
             as_json: JsonOption = False) -> None:
     """Add a data key; new backups go under it, older ones stay readable. With a new
     credential, every existing key is wrapped for it too."""
+    from rbd_restore.repo import keyring
+
     cfg = load_config(ctx)
     credential = _credential(cfg)
     store, layout = _where(cfg)
@@ -81,6 +91,9 @@ def key_add(ctx: typer.Context,
 @key_app.command("list")
 def key_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every key object, the data key it wraps and how many backups are under it."""
+    from rbd_restore.repo import keyring
+    from rbd_restore.repo.repository import Repository
+
     cfg = load_config(ctx)
     credential = _credential(cfg)
     store, layout = _where(cfg)
@@ -114,6 +127,9 @@ def key_remove(ctx: typer.Context,
                    "--force", help="Remove it even if backups can then no longer be read.")]
                = False) -> None:
     """Remove a key object; refused while it is the only copy of a key backups need."""
+    from rbd_restore.repo import keyring
+    from rbd_restore.repo.repository import Repository
+
     cfg = load_config(ctx)
     credential = _credential(cfg)
     store, layout = _where(cfg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,9 +11,13 @@ from rbd_restore.cli.context import load_config, open_cluster, open_repository
 from rbd_restore.config import Config
 from rbd_restore.errors import NotFoundError
 from rbd_restore.output import print_json
-from rbd_restore.prefetch.profiles import ProfileStore, VolumeKey, describe
-from rbd_restore.repo.repository import Repository
 from rbd_restore.units import format_size
+
+# The profile store reads the repository (cryptography, urllib3, botocore): imported by
+# these commands when they run, not by every command at start.
+if TYPE_CHECKING:
+    from rbd_restore.prefetch.profiles import VolumeKey
+    from rbd_restore.repo.repository import Repository
 
 profile_app = typer.Typer(help="Show or clear the boot profile instant restores prefetch by.",
                           no_args_is_help=True)
@@ -26,6 +30,8 @@ def volume_of(cfg: Config, repo: Repository, text: str) -> VolumeKey:
     Backups first, because a restored image is a new image (a new id) while the
     profile that its restores use belongs to the volume the backups came from.
     """
+    from rbd_restore.prefetch.profiles import VolumeKey
+
     ref = ImageRef.parse(text, cfg.pools.backup_default)
     backups = [m for m in repo.scan_manifests().manifests
                if (m.source.pool, m.source.image) == (ref.pool, ref.name)]
@@ -41,6 +47,8 @@ def profile_show(ctx: typer.Context, image: ImageArg,
                  as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object "
                                                        "with every entry.")] = False) -> None:
     """Show the chunks a VM booting from IMAGE's backups read, in first-read order."""
+    from rbd_restore.prefetch.profiles import ProfileStore, describe
+
     cfg = load_config(ctx)
     repo = open_repository(cfg)
     volume = volume_of(cfg, repo, image)
@@ -64,6 +72,8 @@ def profile_show(ctx: typer.Context, image: ImageArg,
 @profile_app.command("clear")
 def profile_clear(ctx: typer.Context, image: ImageArg) -> None:
     """Forget IMAGE's boot profile; the next instant restore records a new one."""
+    from rbd_restore.prefetch.profiles import ProfileStore
+
     cfg = load_config(ctx)
     repo = open_repository(cfg)
     volume = volume_of(cfg, repo, image)

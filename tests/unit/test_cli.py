@@ -44,3 +44,14 @@ def test_help_still_exits_zero() -> None:
     result = run("profile", "show", "--help")
     assert result.returncode == 0
     assert "Usage: rbd-restore profile show" in result.stdout
+
+
+def test_commands_without_a_repository_do_not_load_its_stack() -> None:
+    """`restore --mode instant` is timed from its start to ready: the repository's stack
+    (cryptography, urllib3, botocore) cost it a tenth of a second it never used."""
+    probe = ("import sys, rbd_restore.cli.main; print(' '.join(sorted(m for m in ("
+             "'rbd_restore.repo.keyring', 'rbd_restore.repo.store', 'cryptography', "
+             "'botocore', 'urllib3') if m in sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=True).stdout.split()
+    assert loaded == []
