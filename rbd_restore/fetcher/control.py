@@ -112,16 +112,19 @@ class ControlPlane:
             if not isinstance(value, str):
                 raise UsageError(f"{field} must be a string")
             holder[field] = value
-        session, sizes, manifest = await self.blocking(
-            self.book.create, backup_id, numbers["rate_limit_bytes_per_s"], numbers["history"],
-            holder["job_id"], holder["image"])
+        manifest = await self.blocking(self.book.repo.load_manifest, backup_id)
+        # The boot profile is read beside the session's own S3 round trips: a restore
+        # waits for both before it is ready.
+        (session, sizes, manifest), boot = await asyncio.gather(
+            self.blocking(self.book.create, backup_id, numbers["rate_limit_bytes_per_s"],
+                          numbers["history"], holder["job_id"], holder["image"], manifest),
+            self.blocking(self._boot_offsets, manifest))
         log.info("session created", extra={"session": session.session_id,
                                             "backup": backup_id})
         if self.prime is not None:
             self._spawn(self.prime(session.session_id, session.created, manifest,
                                    tuple(sizes["snapshots"])))
         self._spawn(self._count_sessions())
-        boot = await self.blocking(self._boot_offsets, manifest)
         return web.json_response({**session.as_json(), **sizes, "boot_offsets": boot},
                                  status=201)
 
