@@ -14,8 +14,7 @@ from rbd_restore.output import print_json
 from rbd_restore.repo.chunks import DEFAULT_CHUNK_SIZE
 from rbd_restore.units import format_size, parse_size
 
-# The repository's stack (cryptography, urllib3, botocore) is imported by the commands
-# that open one: `restore --mode instant` and the job commands need none of it.
+# The repository's modules are imported where used (see cli/context.py).
 if TYPE_CHECKING:
     from rbd_restore.repo.manifest import Manifest
 

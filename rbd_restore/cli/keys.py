@@ -13,8 +13,7 @@ from rbd_restore.errors import ConfigError
 from rbd_restore.output import print_json
 from rbd_restore.repo.layout import KeyLayout
 
-# The repository's stack (cryptography, urllib3, botocore) is imported by the commands
-# that use it: every other command would wait a tenth of a second for it at start.
+# The repository's modules are imported where used (see cli/context.py).
 if TYPE_CHECKING:
     from rbd_restore.repo.crypto import Credential
     from rbd_restore.repo.store import ObjectStore

@@ -13,8 +13,7 @@ from rbd_restore.errors import NotFoundError
 from rbd_restore.output import print_json
 from rbd_restore.units import format_size
 
-# The profile store reads the repository (cryptography, urllib3, botocore): imported by
-# these commands when they run, not by every command at start.
+# The repository's modules are imported where used (see cli/context.py).
 if TYPE_CHECKING:
     from rbd_restore.prefetch.profiles import VolumeKey
     from rbd_restore.repo.repository import Repository
