@@ -109,7 +109,7 @@ def test_boot_and_relocation_through_s3_faults_are_bit_exact(
     host, port = cluster.s3_endpoint.removeprefix("http://").split(":")
     plan = FaultPlan(rate=0.15, stall_seconds=3,
                      faults=("slowdown", "error", "reset", "stall", "truncate",
-                             "corrupt_reply"))
+                             "corrupt_reply"), at=(2, 4, 6, 8, 10))
     with FaultProxy(host, int(port), plan).running() as proxy:
         fetcher = FetcherProcess(cluster, tmp_path / "cache", site["fetcher"].prefix,
                                  through(proxy))

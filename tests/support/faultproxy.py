@@ -49,6 +49,10 @@ class FaultPlan:
     seed: int = 1
     # Only exchanges whose request line contains one of these (e.g. "/chunks/").
     only: tuple[str, ...] = ()
+    # Exchanges that get a fault whatever ``rate`` draws, counted from 1 among those the
+    # plan can fault (matching ``only``; with a body, if corrupting requests is all it
+    # does): a test that asserts how many faults it saw must not depend on the draw.
+    at: tuple[int, ...] = ()
 
 
 @dataclass
@@ -99,6 +103,7 @@ class FaultProxy:
         self.rng = random.Random(self.plan.seed)
         self.injected: Counter[str] = Counter()
         self.exchanges = 0
+        self.eligible = 0  # exchanges the plan could fault (FaultPlan.at counts these)
         self.down = False
         self.down_after: int | None = None  # exchanges after which outage() begins
         self.port = 0
@@ -131,10 +136,11 @@ class FaultProxy:
             plan = self.plan
             if plan.only and not any(p.encode() in request_line for p in plan.only):
                 return None
-            if self.rng.random() >= plan.rate:
-                return None
             choices = [f for f in plan.faults if f != "corrupt_request" or has_body]
             if not choices:
+                return None
+            self.eligible += 1
+            if self.eligible not in plan.at and self.rng.random() >= plan.rate:
                 return None
             fault = self.rng.choice(choices)
             self.injected[fault] += 1
