@@ -25,6 +25,7 @@ def build_guest() -> tuple[Path, dict[str, Any]]:
 # miss its ticks and panic ("IO-APIC + timer doesn't work!"); sixteen QEMUs at once
 # on two cores did (bench.mass, 2026-12-05). Virtual machines' kernels skip it.
 KERNEL_ARGS = "console=ttyS0 quiet panic=-1 no_timer_check"
+STOP_SECONDS = 15
 
 
 @dataclass
@@ -79,9 +80,17 @@ class Vm:
         self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
+        """End QEMU by its pid: SIGTERM first, so it closes the image as it exits. A
+        killed QEMU's watch lingers until the OSD times it out (30 s) and keeps the
+        image busy for whoever removes it next; SIGKILL only if QEMU is still there
+        after STOP_SECONDS (an image whose reads hang cannot close)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
 
     def sums(self, tag: str = "SUM") -> dict[str, str]:
         """``{file: sha256}`` the guest printed: ``SUM`` for its data set, ``WRITE-SUM``
