@@ -78,7 +78,9 @@ def test_backup_by_name_then_instant_restore_into_a_new_volume(
     assert plan["dry_run"] and plan["target"] == "new" and plan["volume_name"] == "cli-src"
     result = cinder_cli("restore", backup["backup_id"], "--new-volume", "--name", "cli-new",
                         "--mode", "instant", "--size", "100", "--json")
-    assert result["ready_seconds"] < 2.0, result  # whatever the size: nothing is copied
+    # 100 GiB could not be copied this soon (nor held by the test cluster's 6 GiB OSD):
+    # nothing was. How soon it is ready is bench/'s to measure, not a test's to time.
+    assert result["ready_seconds"] < 30, result
     print(f"\ncinder restore --new-volume --mode instant: ready in {result['ready_seconds']} s")
     volume = cinder.wait_status("volume", result["volume_id"], "available")
     assert volume["bootable"] == "true" and volume["name"] == "cli-new"
