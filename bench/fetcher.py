@@ -13,8 +13,8 @@ backup and at its peak during the cold pass (the relocation's read pattern).
 
 CPU: the fetcher's CPU-seconds per GiB served in the cold pass, against the
 floor of its mandatory work measured in the same run: one process that only
-GETs the same chunk objects in the same order over one connection (presigned
-URLs, urllib3: no botocore on the data path) and opens, decompresses and
+GETs the same chunk objects in the same order over one connection (signed as
+the fetcher signs them, urllib3: no botocore on the data path) and opens, decompresses and
 verifies each (the repository's codec, as the fetcher must), with the allocator
 settings the fetcher uses (rbd_restore/allocator.py: a fresh 4 MiB buffer
 costs page faults here; the same process without them spends 1.9 CPU-s per GiB
@@ -235,7 +235,7 @@ def run(cluster: devcluster.ClusterInfo | None = None, runs: int = 3,
                    median(samples["cpu"]), "s", "floor: GET + open + decompress + verify, "
                    "one process", median(samples["floor"]), "<= 1.3x (issue 18)",
                    samples["cpu"]))
-    report.add(Row("floor: GET (presigned, urllib3) + open + decompress + verify",
+    report.add(Row("floor: GET (SigV4 headers, urllib3) + open + decompress + verify",
                    "CPU-s per GiB", median(samples["floor"]), "s", runs=samples["floor"]))
     add_serving_rows(report, "cold sequential 4 MiB reads: fetcher CPU", samples,
                      "4 MiB a request")
@@ -288,14 +288,13 @@ repo = keyring.open_repository(dataclasses.replace(cfg.s3, prefix=sys.argv[2]), 
 manifest = repo.load_manifest(sys.argv[3])
 threads = int(sys.argv[4])
 ids = [c for c in manifest.chunks if c is not None]
-urls = [repo.store.client.generate_presigned_url(
-    "get_object", Params={"Bucket": repo.store.bucket, "Key": repo.keys.chunk(c)})
-    for c in ids]
+lean = repo.store.lean
+urls = [lean.url(repo.keys.chunk(c)) for c in ids]
 codec = repo.codec
 pool = urllib3.PoolManager(maxsize=threads)
 
 def fetch(chunk_id, url):
-    reply = pool.request("GET", url, preload_content=True)
+    reply = pool.request("GET", url, headers=lean.signed_headers(url), preload_content=True)
     assert reply.status == 200, reply.status
     codec.decode_chunk(chunk_id, reply.data, manifest.chunk_size)
 

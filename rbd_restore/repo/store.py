@@ -37,6 +37,7 @@ from rbd_restore.errors import NotFoundError, UnavailableError, UserError
 from rbd_restore.repo import lean_get
 
 if TYPE_CHECKING:
+    import boto3.session
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,20 @@ _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout
                 "ServiceUnavailable"}
 
 
-def make_client(settings: S3Settings, max_connections: int = 32) -> S3Client:
+def make_session(settings: S3Settings) -> boto3.session.Session:
+    """The session whose credentials the client and the lean GET path share: the
+    configured keys, or botocore's chain (environment, files, instance metadata)."""
     # Imported here: boto3 costs a tenth of a second, and commands that never talk to
     # S3 themselves (restore --mode instant, status, abort) start faster without it.
     import boto3
+
+    return boto3.session.Session(aws_access_key_id=settings.access_key or None,
+                                 aws_secret_access_key=settings.secret_key or None,
+                                 region_name=settings.region or None)
+
+
+def make_client(settings: S3Settings, max_connections: int = 32,
+                session: boto3.session.Session | None = None) -> S3Client:
     import botocore.config
 
     config = botocore.config.Config(
@@ -97,12 +108,9 @@ def make_client(settings: S3Settings, max_connections: int = 32) -> S3Client:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    client: S3Client = boto3.session.Session().client(
+    client: S3Client = (session or make_session(settings)).client(
         "s3",
         endpoint_url=settings.endpoint or None,
-        aws_access_key_id=settings.access_key or None,
-        aws_secret_access_key=settings.secret_key or None,
-        region_name=settings.region,
         config=config,
         verify=settings.ca_bundle or None,  # https is always verified; this names the CA
     )
@@ -148,9 +156,12 @@ class ObjectStore:
         self.endpoint = settings.endpoint or "AWS S3"
         self.attempts = settings.max_attempts
         self.verify_uploads = settings.content_md5 != 0
-        self.client = make_client(settings, max_connections)
-        self.lean = (lean_get.LeanGetter(self.client, self.bucket, settings, max_connections)
-                     if lean_get.usable() else None)
+        session = make_session(settings)
+        self.client = make_client(settings, max_connections, session)
+        credentials = session.get_credentials()  # None: botocore's path says so, once
+        self.lean = (lean_get.LeanGetter(self.client, credentials, self.bucket, settings,
+                                         max_connections)
+                     if lean_get.usable() and credentials is not None else None)
         # Told of every retry, with its kind: throttled, server, connection or damaged.
         self.on_retry: Callable[[str], None] | None = None
 

@@ -1,9 +1,9 @@
-"""GETs through a presigned URL and urllib3 (rbd_restore/repo/lean_get.py), against RGW.
+"""GETs signed by botocore and read by urllib3 (rbd_restore/repo/lean_get.py), against RGW.
 
 The lean path must answer as botocore's did: the same bytes, the same errors
-for a missing key and refused credentials, retries through broken replies,
-and never the presigned URL (access key id, signature) in an error or its
-context.
+for a missing key and refused credentials, retries through broken replies;
+it must sign as S3 stores without Signature Version 2 accept, and never put a
+credential (access key id, signature) in a URL, an error or its context.
 """
 
 from __future__ import annotations
@@ -104,6 +104,26 @@ def test_broken_replies_are_retried_until_whole(cluster: devcluster.ClusterInfo,
         for _ in range(6):
             assert faulty.get(key) == data
         assert proxy.total_injected >= 5 and retried
+
+
+def test_a_sigv4_only_store_is_read_and_no_url_carries_a_credential(
+        cluster: devcluster.ClusterInfo, settings: S3Settings,
+        stored: tuple[str, bytes]) -> None:
+    """AWS S3 has turned Signature Version 2 off (and SigV4-only stores never had it);
+    botocore presigns S3 URLs with it in us-east-1. And whatever a URL carries is
+    written to RGW's log and every proxy's."""
+    key, data = stored
+    host, port = cluster.s3_endpoint.removeprefix("http://").split(":")
+    with FaultProxy(host, int(port)).running() as proxy:
+        proxy.refuse_sigv2 = True
+        store = ObjectStore(dataclasses.replace(settings, endpoint=proxy.endpoint))
+        assert store.lean is not None
+        assert store.get(key) == data
+        assert store.get(key, verify_etag=True) == data
+    urls = b"\n".join(proxy.request_lines)
+    assert f"/{settings.bucket}/{key} HTTP/1.1".encode() in urls
+    for credential in (settings.access_key, "Signature", "X-Amz-Credential", "AWSAccessKeyId"):
+        assert credential.encode() not in urls
 
 
 def test_a_proxy_in_the_environment_keeps_botocore(settings: S3Settings,

@@ -13,8 +13,11 @@ request/reply exchange can be given one fault, drawn at a set rate:
 - ``corrupt_reply``: one byte of the reply body flipped;
 - ``corrupt_request``: one byte of the request body flipped on its way to RGW.
 
-``outage()`` refuses every request until ``restore()``. Counters say what was
-injected. Runs its own event loop on a thread.
+``outage()`` refuses every request until ``restore()``. ``refuse_sigv2`` answers
+requests signed with Signature Version 2 (in the query string or the header)
+as AWS S3 and SigV4-only stores do. Counters say what was injected; every
+request line is kept (``request_lines``), to check what a URL gave away. Runs
+its own event loop on a thread.
 """
 
 from __future__ import annotations
@@ -37,6 +40,21 @@ _SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
 _ERROR = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\n"
           b"Content-Length: 110\r\n\r\n<?xml version=\"1.0\" encoding=\"UTF-8\"?>"
           b"<Error><Code>InternalError</Code><Message>Injected</Message></Error>\n   ")
+_SIGV2_BODY = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InvalidRequest</Code>"
+               b"<Message>The authorization mechanism you have provided is not supported. "
+               b"Please use AWS4-HMAC-SHA256.</Message></Error>")
+_SIGV2_REFUSED = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\n"
+                  b"Content-Length: " + str(len(_SIGV2_BODY)).encode() + b"\r\n\r\n" + _SIGV2_BODY)
+
+
+def signed_with_sigv2(head: bytes) -> bool:
+    """A request authenticated by Signature Version 2: ``Authorization: AWS key:sig``,
+    or a presigned URL with ``AWSAccessKeyId`` and ``Signature`` in its query."""
+    target = head.split(b"\r\n", 1)[0].split(b" ")[1] if b" " in head else b""
+    query = target.partition(b"?")[2].split(b"&")
+    presigned = any(p.startswith(b"AWSAccessKeyId=") for p in query) and any(
+        p.startswith(b"Signature=") for p in query)
+    return presigned or (_header(head, b"authorization") or b"").startswith(b"AWS ")
 
 
 @dataclass
@@ -106,6 +124,8 @@ class FaultProxy:
         self.eligible = 0  # exchanges the plan could fault (FaultPlan.at counts these)
         self.down = False
         self.down_after: int | None = None  # exchanges after which outage() begins
+        self.refuse_sigv2 = False
+        self.request_lines: list[bytes] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -164,6 +184,11 @@ class FaultProxy:
                                 if not line.lower().startswith(b"expect:"))
         request = await _read_body(client_r, head, no_body=False)
         request_line = head.split(b"\r\n", 1)[0]
+        self.request_lines.append(request_line)
+        if self.refuse_sigv2 and signed_with_sigv2(head):
+            client_w.write(_SIGV2_REFUSED)
+            await client_w.drain()
+            return True
         fault = self._draw(request_line, bool(request.body))
         if fault == "outage":
             _reset(client_w)
