@@ -58,6 +58,8 @@ class UntrustedCertificate(LeanConnectionError):
 class Reply(NamedTuple):
     data: bytes
     etag: str
+    encryption: str | None  # x-amz-server-side-encryption: what the ETag can mean
+    customer_key: bool  # SSE-C
 
 
 def usable() -> bool:
@@ -116,7 +118,10 @@ class LeanGetter:
         if failure:
             raise LeanConnectionError(failure)
         if reply.status == 200:
-            return Reply(reply.data, str(reply.headers.get("ETag", "")))
+            headers = reply.headers
+            return Reply(reply.data, str(headers.get("ETag", "")),
+                         headers.get("x-amz-server-side-encryption"),
+                         "x-amz-server-side-encryption-customer-algorithm" in headers)
         found = _CODE.search(reply.data or b"")
         code = found.group(1).decode("ascii", "replace") if found else str(reply.status)
         error: Any = {"Error": {"Code": code, "Message": ""},

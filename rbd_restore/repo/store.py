@@ -128,13 +128,24 @@ def content_md5(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
-def _etag_matches(etag: str, data: bytes) -> bool:
-    """Whether a single-part object's ETag (its MD5) matches ``data``; ETags of other
-    forms (multipart, SSE) cannot be checked and pass."""
+def etag_is_md5(etag: str, encryption: str | None, customer_key: bool) -> bool:
+    """Whether an ETag is the MD5 of the object's bytes, which S3 promises only for a
+    single-part object stored plaintext or under SSE-S3 (``AES256``). Under SSE-KMS
+    (``aws:kms``, ``aws:kms:dsse``) or SSE-C, AWS S3 and MinIO give 32 hex digits
+    that are not: taken for an MD5, every body of such a bucket looks damaged."""
     tag = etag.strip('"')
-    if len(tag) != 32 or any(c not in "0123456789abcdef" for c in tag):
+    if customer_key or (encryption or "AES256") != "AES256":
+        return False
+    return len(tag) == 32 and all(c in "0123456789abcdef" for c in tag)
+
+
+def _etag_matches(etag: str, data: bytes, encryption: str | None = None,
+                  customer_key: bool = False) -> bool:
+    """Whether a reply's body matches its ETag; ETags that are no MD5 (multipart,
+    SSE-KMS, SSE-C) cannot be checked and pass."""
+    if not etag_is_md5(etag, encryption, customer_key):
         return True
-    return hashlib.md5(data).hexdigest() == tag
+    return hashlib.md5(data).hexdigest() == etag.strip('"')
 
 
 def _error_code(exc: botocore.exceptions.ClientError) -> str:
@@ -234,12 +245,14 @@ class ObjectStore:
 
         def once() -> bytes:
             if self.lean is not None:
-                data, etag = self.lean.get(key)
+                data, etag, encryption, customer_key = self.lean.get(key)
             else:
                 reply = self.client.get_object(Bucket=self.bucket, Key=key)
                 data, etag = reply["Body"].read(), str(reply.get("ETag", ""))
+                encryption = reply.get("ServerSideEncryption")
+                customer_key = "SSECustomerAlgorithm" in reply
             check = verify_etag if verify_etag is not None else len(data) <= SMALL_OBJECT
-            if check and not _etag_matches(etag, data):
+            if check and not _etag_matches(etag, data, encryption, customer_key):
                 raise _Damaged("body does not match its ETag")
             return data
 
@@ -256,7 +269,9 @@ class ObjectStore:
             reply = self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
                                            ContentMD5=md5)
             etag = str(reply.get("ETag", "")).strip('"')
-            if len(etag) == 32 and base64.b64encode(bytes.fromhex(etag)).decode() != md5:
+            if (etag_is_md5(etag, reply.get("ServerSideEncryption"),
+                            "SSECustomerAlgorithm" in reply)
+                    and base64.b64encode(bytes.fromhex(etag)).decode() != md5):
                 raise _Damaged("the stored object's ETag differs from the body sent")
 
         self._call("PUT", key, once)

@@ -4,7 +4,8 @@ A proxy (tests/support/faultproxy.py) injects 503 SlowDown, 500, connection
 resets and stalls in the middle of bodies, truncated bodies and flipped bytes
 in both directions. Backups, deep verifies and full restores come through
 bit-exact; a full restore cut off by an outage resumes where it stopped; a
-host whose clock runs minutes fast frees nothing early.
+host whose clock runs minutes fast frees nothing early; a bucket under
+SSE-KMS, whose ETags are no MD5s, works like any other.
 """
 
 from __future__ import annotations
@@ -128,3 +129,33 @@ def test_a_host_whose_clock_runs_fast_frees_nothing_early(
     finally:
         s3_client.delete_object(Bucket=cluster.bucket, Key=lock)
     assert cli.json("gc", "--grace", "0")["chunks_deleted"] >= 2  # the right time came
+
+
+def test_a_bucket_under_sse_kms_backs_up_verifies_and_restores(
+        cluster: devcluster.ClusterInfo, cli: Cli, ioctx: Any, images: list[str],
+        proxy: FaultProxy) -> None:
+    """AWS S3 gives an object under SSE-KMS (or SSE-C) an ETag that is not its MD5,
+    32 hex digits all the same: a bucket whose default encryption is SSE-KMS must
+    not look like a store that damages every body."""
+    name = data_image(ioctx, images, 3, size=12 * MiB)
+    want = export_digest(cluster, f"volumes/{name}")
+    proxy.etags_as_sse_kms = True
+    kms = Cli(cluster, cli.prefix, through(proxy, max_attempts=2))
+    backup_id = kms.json("backup", f"volumes/{name}")["backup_id"]
+    deep = kms.run("backups", "verify", backup_id, "--deep")
+    assert deep.returncode == 0, deep.stderr
+    images.append(f"{name}-r")
+    kms.json("restore", backup_id, f"volumes/{name}-r")
+    assert export_digest(cluster, f"volumes/{name}-r") == want
+
+
+def test_an_etag_that_is_not_the_md5_of_the_body_sent_is_still_refused(
+        cluster: devcluster.ClusterInfo, cli: Cli, ioctx: Any, images: list[str],
+        proxy: FaultProxy) -> None:
+    name = data_image(ioctx, images, 4, size=8 * MiB)
+    proxy.etags_not_md5 = True  # no SSE header: a store that did not keep what was sent
+    refused = Cli(cluster, cli.prefix, through(proxy, max_attempts=2)).run(
+        "backup", f"volumes/{name}")
+    assert refused.returncode != 0
+    assert "ETag differs from the body sent" in refused.stderr
+    assert "Traceback" not in refused.stderr

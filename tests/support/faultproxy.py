@@ -15,7 +15,10 @@ request/reply exchange can be given one fault, drawn at a set rate:
 
 ``outage()`` refuses every request until ``restore()``. ``refuse_sigv2`` answers
 requests signed with Signature Version 2 (in the query string or the header)
-as AWS S3 and SigV4-only stores do. Counters say what was injected; every
+as AWS S3 and SigV4-only stores do. ``etags_as_sse_kms`` gives every reply
+the ETag that AWS S3 gives an object under SSE-KMS: not its MD5, with
+``x-amz-server-side-encryption: aws:kms`` beside it (``etags_not_md5`` the
+same ETags without the header: a store that lost the body). Counters say what was injected; every
 request line is kept (``request_lines``), to check what a URL gave away. Runs
 its own event loop on a thread.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import socket
 import struct
@@ -125,6 +129,8 @@ class FaultProxy:
         self.down = False
         self.down_after: int | None = None  # exchanges after which outage() begins
         self.refuse_sigv2 = False
+        self.etags_as_sse_kms = False
+        self.etags_not_md5 = False
         self.request_lines: list[bytes] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -210,6 +216,8 @@ class FaultProxy:
         no_body = request_line.startswith(b"HEAD ") or reply_head.split(b" ")[1] in (
             b"204", b"304")
         reply = await _read_body(up_r, reply_head, no_body)
+        if self.etags_as_sse_kms or self.etags_not_md5:
+            reply.head = _etag_not_md5(reply.head, sse_kms=self.etags_as_sse_kms)
         if fault == "corrupt_reply" and reply.body:
             client_w.write(reply.head + _flip(reply.body, self.rng))
         elif fault in ("reset", "stall", "truncate") and len(reply.body) > 1:
@@ -286,6 +294,19 @@ class FaultProxy:
             yield self
         finally:
             self.stop()
+
+
+def _etag_not_md5(head: bytes, sse_kms: bool) -> bytes:
+    lines = head.split(b"\r\n")
+    for i, line in enumerate(lines):
+        name, _, value = line.partition(b":")
+        if i and name.strip().lower() == b"etag":
+            not_md5 = hashlib.md5(b"kms" + value.strip()).hexdigest().encode()
+            lines[i] = b'ETag: "' + not_md5 + b'"'
+            if sse_kms:
+                lines.insert(i + 1, b"x-amz-server-side-encryption: aws:kms")
+            break
+    return b"\r\n".join(lines)
 
 
 def _flip(data: bytes, rng: random.Random) -> bytes:
