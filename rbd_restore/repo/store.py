@@ -90,7 +90,10 @@ def make_session(settings: S3Settings) -> boto3.session.Session:
 
 
 def make_client(settings: S3Settings, max_connections: int = 32,
-                session: boto3.session.Session | None = None) -> S3Client:
+                session: boto3.session.Session | None = None,
+                region: str | None = None) -> S3Client:
+    """``region``: instead of the configured one (the endpoint then follows it, unless
+    one is configured)."""
     import botocore.config
 
     config = botocore.config.Config(
@@ -111,6 +114,7 @@ def make_client(settings: S3Settings, max_connections: int = 32,
     client: S3Client = (session or make_session(settings)).client(
         "s3",
         endpoint_url=settings.endpoint or None,
+        region_name=region,
         config=config,
         verify=settings.ca_bundle or None,  # https is always verified; this names the CA
     )
@@ -170,8 +174,12 @@ class ObjectStore:
         session = make_session(settings)
         self.client = make_client(settings, max_connections, session)
         credentials = session.get_credentials()  # None: botocore's path says so, once
+
+        def endpoint_for(region: str) -> str:
+            return make_client(settings, 1, session, region).meta.endpoint_url
+
         self.lean = (lean_get.LeanGetter(self.client, credentials, self.bucket, settings,
-                                         max_connections)
+                                         max_connections, endpoint_for)
                      if lean_get.usable() and credentials is not None else None)
         # Told of every retry, with its kind: throttled, server, connection or damaged.
         self.on_retry: Callable[[str], None] | None = None

@@ -130,3 +130,25 @@ def test_a_proxy_in_the_environment_keeps_botocore(settings: S3Settings,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     assert ObjectStore(settings).lean is None
+
+
+def test_a_bucket_in_another_region_is_read_from_its_region(
+        cluster: devcluster.ClusterInfo, settings: S3Settings,
+        stored: tuple[str, bytes]) -> None:
+    """A bucket made in another AWS region than ``s3.region`` says: botocore follows
+    S3's answer (AuthorizationHeaderMalformed naming the bucket's region) for its own
+    calls; the chunk GETs must too, or a fetcher fails on every chunk where backups
+    work. The region is learnt once, not on every GET."""
+    key, data = stored
+    host, port = cluster.s3_endpoint.removeprefix("http://").split(":")
+    with FaultProxy(host, int(port)).running() as proxy:
+        proxy.bucket_region = "eu-west-1"
+        store = ObjectStore(dataclasses.replace(settings, endpoint=proxy.endpoint))
+        assert store.lean is not None
+        store.check_bucket()  # botocore's own redirect
+        for _ in range(3):
+            assert store.get(key) == data
+        assert store.get(key, verify_etag=True) == data
+        assert ObjectStore(dataclasses.replace(settings, endpoint=proxy.endpoint,
+                                               region="eu-west-1")).get(key) == data
+    assert 1 <= proxy.wrong_region <= 3  # botocore's HEAD, then the first GET only

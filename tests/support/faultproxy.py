@@ -18,7 +18,11 @@ requests signed with Signature Version 2 (in the query string or the header)
 as AWS S3 and SigV4-only stores do. ``etags_as_sse_kms`` gives every reply
 the ETag that AWS S3 gives an object under SSE-KMS: not its MD5, with
 ``x-amz-server-side-encryption: aws:kms`` beside it (``etags_not_md5`` the
-same ETags without the header: a store that lost the body). Counters say what was injected; every
+same ETags without the header: a store that lost the body). ``bucket_region``
+answers every request signed for another region as AWS S3 answers for a bucket
+that lives elsewhere: 400 ``AuthorizationHeaderMalformed`` with the bucket's
+``<Region>`` and ``x-amz-bucket-region`` (RGW itself accepts any signing
+region); ``wrong_region`` counts them. Counters say what was injected; every
 request line is kept (``request_lines``), to check what a URL gave away. Runs
 its own event loop on a thread.
 """
@@ -29,6 +33,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import re
 import socket
 import struct
 import threading
@@ -49,6 +54,25 @@ _SIGV2_BODY = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InvalidR
                b"Please use AWS4-HMAC-SHA256.</Message></Error>")
 _SIGV2_REFUSED = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\n"
                   b"Content-Length: " + str(len(_SIGV2_BODY)).encode() + b"\r\n\r\n" + _SIGV2_BODY)
+
+
+def _wrong_region_reply(signed_for: bytes, bucket_region: str, head_request: bool) -> bytes:
+    region = bucket_region.encode()
+    body = b"" if head_request else (
+        b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AuthorizationHeaderMalformed"
+        b"</Code><Message>The authorization header is malformed; the region '" + signed_for
+        + b"' is wrong; expecting '" + region + b"'</Message><Region>" + region
+        + b"</Region></Error>")
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\n"
+            b"x-amz-bucket-region: " + region + b"\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def signing_region(head: bytes) -> bytes | None:
+    """The region a SigV4 request was signed for (its credential scope), if any."""
+    found = re.search(rb"Credential=[^/,]+/\d{8}/([^/,]+)/s3/aws4_request",
+                      _header(head, b"authorization") or b"")
+    return found.group(1) if found else None
 
 
 def signed_with_sigv2(head: bytes) -> bool:
@@ -131,6 +155,8 @@ class FaultProxy:
         self.refuse_sigv2 = False
         self.etags_as_sse_kms = False
         self.etags_not_md5 = False
+        self.bucket_region: str | None = None
+        self.wrong_region = 0
         self.request_lines: list[bytes] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -193,6 +219,13 @@ class FaultProxy:
         self.request_lines.append(request_line)
         if self.refuse_sigv2 and signed_with_sigv2(head):
             client_w.write(_SIGV2_REFUSED)
+            await client_w.drain()
+            return True
+        signed_for = signing_region(head)
+        if self.bucket_region and signed_for and signed_for != self.bucket_region.encode():
+            self.wrong_region += 1
+            client_w.write(_wrong_region_reply(signed_for, self.bucket_region,
+                                               request_line.startswith(b"HEAD ")))
             await client_w.drain()
             return True
         fault = self._draw(request_line, bool(request.body))
