@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MD5_METADATA = "md5"  # user metadata: the hex MD5 of a small object's bytes
+
 _CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 _REGION = re.compile(rb"<Region>([^<]{1,64})</Region>")
 _REGION_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -76,6 +78,7 @@ class Reply(NamedTuple):
     etag: str
     encryption: str | None  # x-amz-server-side-encryption: what the ETag can mean
     customer_key: bool  # SSE-C
+    stored_md5: str | None  # x-amz-meta-md5: what the writer stored beside a small object
 
 
 def usable() -> bool:
@@ -170,7 +173,8 @@ class LeanGetter:
             headers = reply.headers
             return Reply(reply.data, str(headers.get("ETag", "")),
                          headers.get("x-amz-server-side-encryption"),
-                         "x-amz-server-side-encryption-customer-algorithm" in headers)
+                         "x-amz-server-side-encryption-customer-algorithm" in headers,
+                         headers.get(f"x-amz-meta-{MD5_METADATA}"))
         found = _CODE.search(reply.data or b"")
         code = found.group(1).decode("ascii", "replace") if found else str(reply.status)
         error: Any = {"Error": {"Code": code, "Message": ""},

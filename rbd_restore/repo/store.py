@@ -144,12 +144,21 @@ def etag_is_md5(etag: str, encryption: str | None, customer_key: bool) -> bool:
 
 
 def _etag_matches(etag: str, data: bytes, encryption: str | None = None,
-                  customer_key: bool = False) -> bool:
-    """Whether a reply's body matches its ETag; ETags that are no MD5 (multipart,
-    SSE-KMS, SSE-C) cannot be checked and pass."""
-    if not etag_is_md5(etag, encryption, customer_key):
-        return True
-    return hashlib.md5(data).hexdigest() == etag.strip('"')
+                  customer_key: bool = False, stored_md5: str | None = None) -> bool:
+    """Whether a reply's body matches its ETag, or where the ETag is no MD5 (SSE-KMS,
+    SSE-C, multipart) the MD5 its writer stored beside it; an object with neither
+    (written before rbd-restore stored one) cannot be checked and passes."""
+    if etag_is_md5(etag, encryption, customer_key):
+        return hashlib.md5(data).hexdigest() == etag.strip('"')
+    if stored_md5:
+        return hashlib.md5(data).hexdigest() == stored_md5.lower()
+    return True
+
+
+def _encryption(reply: Any) -> tuple[str | None, bool]:
+    """What a botocore reply says of the object's server-side encryption: the
+    algorithm (``x-amz-server-side-encryption``), and whether SSE-C keys it."""
+    return reply.get("ServerSideEncryption"), "SSECustomerAlgorithm" in reply
 
 
 def _error_code(exc: botocore.exceptions.ClientError) -> str:
@@ -253,32 +262,36 @@ class ObjectStore:
 
         def once() -> bytes:
             if self.lean is not None:
-                data, etag, encryption, customer_key = self.lean.get(key)
+                data, etag, encryption, customer_key, stored_md5 = self.lean.get(key)
             else:
                 reply = self.client.get_object(Bucket=self.bucket, Key=key)
                 data, etag = reply["Body"].read(), str(reply.get("ETag", ""))
-                encryption = reply.get("ServerSideEncryption")
-                customer_key = "SSECustomerAlgorithm" in reply
+                encryption, customer_key = _encryption(reply)
+                stored_md5 = reply.get("Metadata", {}).get(lean_get.MD5_METADATA)
             check = verify_etag if verify_etag is not None else len(data) <= SMALL_OBJECT
-            if check and not _etag_matches(etag, data, encryption, customer_key):
-                raise _Damaged("body does not match its ETag")
+            if check and not _etag_matches(etag, data, encryption, customer_key, stored_md5):
+                raise _Damaged("body does not match its ETag or stored MD5")
             return data
 
         return self._call("GET", key, once)
 
     def put(self, key: str, data: bytes | bytearray) -> None:
-        md5 = content_md5(data) if self.verify_uploads else None
+        small = len(data) <= SMALL_OBJECT
+        digest = hashlib.md5(data).digest() if self.verify_uploads or small else b""
+        md5 = base64.b64encode(digest).decode() if self.verify_uploads else None
         body = cast(bytes, data)  # botocore sends any bytes-like body; its stubs say bytes
+        extra: dict[str, Any] = {}
+        if small:  # checked on read where its ETag is no MD5 (SSE-KMS, SSE-C)
+            extra["Metadata"] = {lean_get.MD5_METADATA: digest.hex()}
 
         def once() -> None:
             if md5 is None:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
                 return
             reply = self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
-                                           ContentMD5=md5)
+                                           ContentMD5=md5, **extra)
             etag = str(reply.get("ETag", "")).strip('"')
-            if (etag_is_md5(etag, reply.get("ServerSideEncryption"),
-                            "SSECustomerAlgorithm" in reply)
+            if (etag_is_md5(etag, *_encryption(reply))
                     and base64.b64encode(bytes.fromhex(etag)).decode() != md5):
                 raise _Damaged("the stored object's ETag differs from the body sent")
 
