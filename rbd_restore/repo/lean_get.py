@@ -21,6 +21,9 @@ unless told otherwise, which AWS S3 has turned off and SigV4-only stores
 refuse; and a URL carrying the access key id and a signature is written to
 RGW's log and to every proxy's access log, where it can be replayed until it
 expires. A signed header travels with the request and nowhere else.
+urllib3's exceptions still never leave this module, not even as the context
+of another: the errors raised here are built outside the ``except`` block and
+name only the kind of failure.
 
 A bucket that lives in another region than the client's: S3 answers a request
 signed for the wrong region with the bucket's region (400
@@ -28,9 +31,6 @@ AuthorizationHeaderMalformed with ``<Region>``, or a 301/307 redirect, with
 ``x-amz-bucket-region``). botocore's redirector follows that for its own calls;
 this path follows it the same way, once: it signs for the bucket's region from
 then on, at that region's endpoint (a configured endpoint stays as it is).
-urllib3's exceptions still never leave this module, not even as the context
-of another: the errors raised here are built outside the ``except`` block and
-name only the kind of failure.
 """
 
 from __future__ import annotations
