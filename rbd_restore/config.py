@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,6 +25,7 @@ from rbd_restore.errors import ConfigError
 
 CONFIG_ENV = "RBD_RESTORE_CONFIG"
 ENV_PREFIX = "RBD_RESTORE_"
+_REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")  # as botocore checks
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,15 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
     for name in ("connect_timeout", "read_timeout"):
         if getattr(s3, name) < 1:
             raise ConfigError(f"config field s3.{name}: must be at least 1 second")
+    _check_url("s3.endpoint", s3.endpoint, "an S3 endpoint", "http://127.0.0.1:7480")
+    if s3.region and not _REGION.fullmatch(s3.region):
+        raise ConfigError(f"config field s3.region: {s3.region!r:.70} is no region name "
+                          "(letters, digits and '-', e.g. us-east-1)")
     fetcher: FetcherSettings = sections["fetcher"]
+    _check_url("fetcher.public_url", fetcher.public_url, "the fetcher's data plane",
+               "http://fetcher.example:8470")
+    _check_url("fetcher.control_url", fetcher.control_url, "the fetcher's control plane",
+               "http://127.0.0.1:8471")
     for name in ("untrusted_seconds", "max_untrusted_connections"):
         if getattr(fetcher, name) < 1:
             raise ConfigError(f"config field fetcher.{name}: must be at least 1")
@@ -211,6 +222,23 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
     return Config(ceph=sections["ceph"], s3=s3, pools=sections["pools"],
                   repository=sections["repository"], fetcher=sections["fetcher"],
                   source=source)
+
+
+def _check_url(name: str, url: str, what: str, example: str) -> None:
+    """An http(s) URL with a host (or unset); refused here by name rather than by
+    botocore or urllib as an internal error, or as "unreachable" after every retry."""
+    if not url:
+        return
+    refused = ConfigError(f"config field {name}: {url!r:.100} is no http(s) URL of {what} "
+                          f"(e.g. {example})")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError:
+        raise refused from None
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment or parts.username is not None or port == 0):
+        raise refused
 
 
 def config_path(explicit: str | None) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -55,3 +57,30 @@ def test_commands_without_a_repository_do_not_load_its_stack() -> None:
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             timeout=60, check=True).stdout.split()
     assert loaded == []
+
+
+def test_a_bad_s3_endpoint_or_region_is_a_config_error(tmp_path: Path) -> None:
+    """Not an internal error (botocore's ValueError), nor S3 "unreachable" after
+    retries with backoff for a URL that can never work."""
+    conf = tmp_path / "c.toml"
+    conf.write_text('[s3]\nbucket = "b"\naccess_key = "a"\nsecret_key = "s"\n')
+    conf.chmod(0o600)
+    for name, value in (("ENDPOINT", "foo"), ("ENDPOINT", "http://127.0.0.1:99999"),
+                        ("REGION", "bad region!")):
+        failed = subprocess.run(
+            [sys.executable, "-m", "rbd_restore.cli", "--config", str(conf), "backups",
+             "list"], capture_output=True, text=True, timeout=60,
+            env={**os.environ, f"RBD_RESTORE_S3_{name}": value})
+        assert failed.returncode == 3, failed.stderr
+        assert f"s3.{name.lower()}" in failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_fetcher_control_url_is_a_config_error(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('[fetcher]\ncontrol_url = "foo"\ncontrol_token = "t"\n')
+    conf.chmod(0o600)
+    failed = run("--config", str(conf), "fetcher", "session", "list")
+    assert failed.returncode == 3, failed.stderr
+    assert failed.stderr.strip().startswith("rbd-restore: error: config field "
+                                            "fetcher.control_url: 'foo' is no http(s) URL")

@@ -135,3 +135,32 @@ def test_role_tokens_must_differ(tmp_path: Path) -> None:
     path = write(tmp_path, '[fetcher]\ncontrol_token = "t"\nrunner_token = "t"\n')
     with pytest.raises(ConfigError, match="must all differ"):
         config.load(path)
+
+
+@pytest.mark.parametrize("endpoint", [
+    "foo", "http://", "ftp://s3.example:7480", "http://127.0.0.1:99999", "http://host:port",
+    "https://s3.example/?x=1", "127.0.0.1:7480", "http://user:pw@s3.example"])
+def test_an_endpoint_that_is_no_http_url_is_refused_by_name(endpoint: str) -> None:
+    for section, key in (("s3", "endpoint"), ("fetcher", "public_url"),
+                         ("fetcher", "control_url")):
+        with pytest.raises(ConfigError, match=rf"config field {section}.{key}: .*http\(s\) URL"):
+            config.from_mapping({section: {key: endpoint}})
+
+
+@pytest.mark.parametrize("endpoint", [
+    "", "http://127.0.0.1:7480", "https://s3.example.com", "https://[::1]:7480/",
+    "https://s3.eu-west-1.amazonaws.com", "http://rgw.ceph.internal:8080/s3"])
+def test_http_urls_are_endpoints(endpoint: str) -> None:
+    assert config.from_mapping({"s3": {"endpoint": endpoint}}).s3.endpoint == endpoint
+
+
+@pytest.mark.parametrize("region", ["bad region!", "eu_west_1", "-eu", "x" * 64])
+def test_a_region_botocore_would_refuse_is_refused_by_name(region: str) -> None:
+    with pytest.raises(ConfigError, match=r"config field s3\.region: "):
+        config.from_mapping({"s3": {"region": region}})
+
+
+@pytest.mark.parametrize("region", ["", "us-east-1", "eu-central-1", "default", "zg1"])
+def test_region_names_pass(region: str) -> None:
+    """"" leaves the region to botocore (AWS_DEFAULT_REGION, ~/.aws/config)."""
+    assert config.from_mapping({"s3": {"region": region}}).s3.region == region
