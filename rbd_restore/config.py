@@ -26,6 +26,7 @@ from rbd_restore.errors import ConfigError
 CONFIG_ENV = "RBD_RESTORE_CONFIG"
 ENV_PREFIX = "RBD_RESTORE_"
 _REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")  # as botocore checks
+_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")  # as botocore checks (RGW allows more than AWS)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,12 @@ def from_mapping(raw: Mapping[str, Any], source: str = "") -> Config:
         s3 = dataclasses.replace(s3, access_key=os.environ["AWS_ACCESS_KEY_ID"])
     if not s3.secret_key and os.environ.get("AWS_SECRET_ACCESS_KEY"):
         s3 = dataclasses.replace(s3, secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
+    if bool(s3.access_key) != bool(s3.secret_key):
+        raise ConfigError("config fields s3.access_key and s3.secret_key go together: set "
+                          "both, or neither to use the AWS credential chain")
+    if s3.bucket and not _BUCKET.fullmatch(s3.bucket):
+        raise ConfigError(f"config field s3.bucket: {s3.bucket!r:.70} is no bucket name "
+                          "(letters, digits, '.', '-' and '_')")
     if s3.max_attempts < 1:
         raise ConfigError("config field s3.max_attempts: must be at least 1")
     for name in ("sign_payload", "content_md5"):

@@ -33,7 +33,7 @@ import botocore.exceptions
 import urllib3.exceptions
 
 from rbd_restore.config import S3Settings, require
-from rbd_restore.errors import NotFoundError, UnavailableError, UserError
+from rbd_restore.errors import NotFoundError, UnavailableError, UsageError, UserError
 from rbd_restore.repo import lean_get
 
 if TYPE_CHECKING:
@@ -245,6 +245,9 @@ class ObjectStore:
                                    f"({code or 'no error code'})")
         if isinstance(exc, botocore.exceptions.NoCredentialsError):
             raise AccessDenied("no S3 credentials: set s3.access_key and s3.secret_key")
+        if isinstance(exc, botocore.exceptions.ParamValidationError):  # never sent
+            reason = str(exc).strip().splitlines()[-1].strip()
+            raise UsageError(f"S3 request for {where} not sent: {reason}")
         if isinstance(exc, _Damaged):
             raise UnavailableError(f"S3 at {self.endpoint}: {where} arrived damaged "
                                    f"{tries} in a row ({exc})")

@@ -59,14 +59,15 @@ def test_commands_without_a_repository_do_not_load_its_stack() -> None:
     assert loaded == []
 
 
-def test_a_bad_s3_endpoint_or_region_is_a_config_error(tmp_path: Path) -> None:
+def test_bad_s3_settings_are_a_config_error(tmp_path: Path) -> None:
     """Not an internal error (botocore's ValueError), nor S3 "unreachable" after
     retries with backoff for a URL that can never work."""
     conf = tmp_path / "c.toml"
     conf.write_text('[s3]\nbucket = "b"\naccess_key = "a"\nsecret_key = "s"\n')
     conf.chmod(0o600)
     for name, value in (("ENDPOINT", "foo"), ("ENDPOINT", "http://127.0.0.1:99999"),
-                        ("REGION", "bad region!")):
+                        ("REGION", "bad region!"), ("BUCKET", "Bad_Bucket!"),
+                        ("ACCESS_KEY", "")):
         failed = subprocess.run(
             [sys.executable, "-m", "rbd_restore.cli", "--config", str(conf), "backups",
              "list"], capture_output=True, text=True, timeout=60,

@@ -164,3 +164,28 @@ def test_a_region_botocore_would_refuse_is_refused_by_name(region: str) -> None:
 def test_region_names_pass(region: str) -> None:
     """"" leaves the region to botocore (AWS_DEFAULT_REGION, ~/.aws/config)."""
     assert config.from_mapping({"s3": {"region": region}}).s3.region == region
+
+
+@pytest.mark.parametrize("keys", [{"access_key": "a"}, {"secret_key": "s"}])
+def test_half_a_key_pair_is_refused(keys: dict[str, str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """One of the two set (and the other not in the environment either) signs with
+    None: botocore's TypeError, not a refusal."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"s3\.access_key and s3\.secret_key go together"):
+        config.from_mapping({"s3": keys})
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    assert config.from_mapping({"s3": keys}).s3.secret_key == keys.get("secret_key", "s")
+
+
+@pytest.mark.parametrize("bucket", ["Bad_Bucket!", "a/b", "x" * 256, "with space"])
+def test_a_bucket_name_s3_cannot_have_is_refused(bucket: str) -> None:
+    with pytest.raises(ConfigError, match=r"config field s3\.bucket: "):
+        config.from_mapping({"s3": {"bucket": bucket}})
+
+
+@pytest.mark.parametrize("bucket", ["", "rbd-restore", "backups.site-a", "Legacy_RGW_bucket"])
+def test_bucket_names_pass(bucket: str) -> None:
+    assert config.from_mapping({"s3": {"bucket": bucket}}).s3.bucket == bucket

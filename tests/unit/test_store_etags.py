@@ -32,3 +32,17 @@ def test_sse_kms_and_sse_c_etags_are_not_md5s(encryption: str | None,
 
 def test_multipart_etags_are_not_md5s() -> None:
     assert not etag_is_md5('"' + "a" * 32 + '-3"', None, False)
+
+
+def test_a_request_botocore_refuses_to_send_is_named_not_unreachable() -> None:
+    """No network: botocore checks the parameters before it connects."""
+    from rbd_restore.config import S3Settings
+    from rbd_restore.errors import UsageError
+    from rbd_restore.repo.store import ObjectStore
+
+    store = ObjectStore(S3Settings(endpoint="http://127.0.0.1:9", access_key="a",
+                                   secret_key="s", bucket="b", max_attempts=3))
+    store.lean = None  # botocore's own path, where parameters are checked
+    with pytest.raises(UsageError, match=r"S3 request for bucket b not sent: Invalid "
+                       r"length for parameter Key"):
+        store.get("")
