@@ -248,6 +248,24 @@ def _check_url(name: str, url: str, what: str, example: str) -> None:
         raise refused
 
 
+def check_ca_bundle(path: str) -> None:
+    """``s3.ca_bundle``, when set, names a readable file of PEM certificates: else every
+    https request would fail as if S3 were unreachable, retried with backoff. Checked
+    where S3 is used, not when the file is read (commands without S3 never need it)."""
+    if not path:
+        return
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise ConfigError(f"config field s3.ca_bundle: {path} does not exist") from None
+    except OSError as exc:  # ssl.SSLError is one: not PEM, or no certificate in it
+        reason = exc.strerror or "holds no PEM certificate"
+        raise ConfigError(f"config field s3.ca_bundle: {path} cannot be used: "
+                          f"{reason}") from None
+
+
 def config_path(explicit: str | None) -> Path:
     chosen = explicit or os.environ.get(CONFIG_ENV)
     if not chosen:

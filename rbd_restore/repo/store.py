@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 import botocore.exceptions
 import urllib3.exceptions
 
-from rbd_restore.config import S3Settings, require
+from rbd_restore.config import S3Settings, check_ca_bundle, require
 from rbd_restore.errors import NotFoundError, UnavailableError, UsageError, UserError
 from rbd_restore.repo import lean_get
 
@@ -180,6 +180,7 @@ class ObjectStore:
         self.endpoint = settings.endpoint or "AWS S3"
         self.attempts = settings.max_attempts
         self.verify_uploads = settings.content_md5 != 0
+        check_ca_bundle(settings.ca_bundle)
         session = make_session(settings)
         self.client = make_client(settings, max_connections, session)
         credentials = session.get_credentials()  # None: botocore's path says so, once

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,17 @@ def test_a_bucket_name_s3_cannot_have_is_refused(bucket: str) -> None:
 @pytest.mark.parametrize("bucket", ["", "rbd-restore", "backups.site-a", "Legacy_RGW_bucket"])
 def test_bucket_names_pass(bucket: str) -> None:
     assert config.from_mapping({"s3": {"bucket": bucket}}).s3.bucket == bucket
+
+
+def test_a_ca_bundle_that_is_missing_or_no_pem_is_refused_where_s3_is_used(
+        tmp_path: Path) -> None:
+    from rbd_restore.repo.store import ObjectStore
+
+    settings = config.S3Settings(endpoint="https://127.0.0.1:9", access_key="a",
+                                 secret_key="s", bucket="b")
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    for path, said in ((tmp_path / "none.pem", "does not exist"),
+                       (not_pem, "cannot be used"), (tmp_path, "cannot be used")):
+        with pytest.raises(ConfigError, match=rf"s3\.ca_bundle: {path} {said}"):
+            ObjectStore(dataclasses.replace(settings, ca_bundle=str(path)))
