@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rbd_restore.cache.metrics import FetcherMetrics
+from rbd_restore.errors import ConfigError
 from rbd_restore.repo.layout import CHUNK_ID
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,14 @@ class ChunkCache:
         self._load()
 
     def _load(self) -> None:
-        self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        try:
+            if self.directory.exists() and not self.directory.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+            entries = list(os.scandir(self.directory))
+        except OSError as exc:  # a file in the way, no permission, a read-only disk
+            raise ConfigError(f"cache directory {self.directory} cannot be used: "
+                              f"{exc.strerror or exc}") from None
         # An older fetcher (or a hand-made directory) may have left it open to others.
         try:
             os.chmod(self.directory, DIRECTORY_MODE)
@@ -88,7 +97,7 @@ class ChunkCache:
             log.warning("cache directory %s cannot be made private: %s", self.directory,
                         exc.strerror)
         found: list[tuple[float, str, int]] = []
-        for entry in os.scandir(self.directory):
+        for entry in entries:
             if CHUNK_ID.match(entry.name):
                 stat = entry.stat()
                 if stat.st_mode & 0o077:

@@ -9,8 +9,11 @@ import stat
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from rbd_restore.cache.chunk_cache import ChunkCache
 from rbd_restore.cache.metrics import FetcherMetrics
+from rbd_restore.errors import ConfigError
 
 DATA = b"restored volume data" * 200
 CHUNK_ID = hashlib.sha256(DATA).hexdigest()
@@ -48,3 +51,14 @@ def test_an_open_cache_left_by_an_older_fetcher_is_made_private(tmp_path: Path) 
         ChunkCache(directory, 1 << 20, fetch, pool, FetcherMetrics())
     assert mode(directory) == 0o700
     assert mode(directory / CHUNK_ID) == 0o600
+
+
+def test_a_cache_directory_that_cannot_be_made_is_named_not_an_internal_error(
+        tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"")
+    with ThreadPoolExecutor(1) as pool:
+        for directory in (a_file / "cache", a_file):
+            with pytest.raises(ConfigError, match=rf"cache directory {directory} cannot be "
+                               r"used: Not a directory"):
+                ChunkCache(directory, 1 << 20, fetch, pool, FetcherMetrics())
