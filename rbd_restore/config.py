@@ -236,8 +236,9 @@ def _check_url(name: str, url: str, what: str, example: str) -> None:
     botocore or urllib as an internal error, or as "unreachable" after every retry."""
     if not url:
         return
-    refused = ConfigError(f"config field {name}: {url!r:.100} is no http(s) URL of {what} "
-                          f"(e.g. {example})")
+    shown = re.sub(r"//[^/]*@", "//…@", url)  # a password in it is never echoed
+    refused = ConfigError(f"config field {name}: {shown!r:.100} is no http(s) URL of {what} "
+                          f"(e.g. {example}; credentials go in their own fields)")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port  # ValueError when out of range or not a number

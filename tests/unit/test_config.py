@@ -204,3 +204,10 @@ def test_a_ca_bundle_that_is_missing_or_no_pem_is_refused_where_s3_is_used(
                        (not_pem, "cannot be used"), (tmp_path, "cannot be used")):
         with pytest.raises(ConfigError, match=rf"s3\.ca_bundle: {path} {said}"):
             ObjectStore(dataclasses.replace(settings, ca_bundle=str(path)))
+
+
+def test_a_url_with_credentials_is_refused_without_echoing_them() -> None:
+    for url in ("http://AKIA:s3cr3t@s3.example", "http://AKIA:s3cr3t@s3.example:99999/"):
+        with pytest.raises(ConfigError) as refused:
+            config.from_mapping({"s3": {"endpoint": url}})
+        assert "s3cr3t" not in str(refused.value) and "AKIA" not in str(refused.value)
