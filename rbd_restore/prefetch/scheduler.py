@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,11 @@ class PrefetchClass(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return _LABELS[self]
 
+
+_LABELS = {klass: klass.name.lower() for klass in PrefetchClass}
+_CLASSES = tuple(PrefetchClass)  # iterating an enum class costs a generator each time
 
 Stage = Callable[[str, int, PrefetchClass], Awaitable[None]]
 """Make chunk ``chunk_id`` (``length`` bytes) present in the cache; raises on failure."""
@@ -47,7 +50,9 @@ class PrefetchScheduler:
         self.queues: dict[PrefetchClass, OrderedDict[str, int]] = {
             klass: OrderedDict() for klass in PrefetchClass}
         self.running: dict[str, PrefetchClass] = {}
-        self.wakeup = asyncio.Event()
+        # One waiter per idle worker: a submit wakes as many as it queued chunks, not
+        # all twelve to find one chunk (the relocation submits about one per read).
+        self.idle: deque[asyncio.Future[None]] = deque()
         self.workers: list[asyncio.Task[None]] = []
         self.failures = 0
 
@@ -71,16 +76,22 @@ class PrefetchScheduler:
         for chunk_id, length in chunks:
             if chunk_id in self.running or self.is_present(chunk_id):
                 continue
-            if any(chunk_id in self.queues[c] for c in PrefetchClass if c <= klass):
+            if any(chunk_id in self.queues[c] for c in _CLASSES if c <= klass):
                 continue
-            for lower in PrefetchClass:
+            for lower in _CLASSES:
                 if lower > klass:
                     self.queues[lower].pop(chunk_id, None)
             self.queues[klass][chunk_id] = length
             queued += 1
-        if queued:
-            self.wakeup.set()
+        self._wake(queued)
         return queued
+
+    def _wake(self, count: int) -> None:
+        while count and self.idle:
+            waiter = self.idle.popleft()
+            if not waiter.done():  # a cancelled worker's waiter is skipped
+                waiter.set_result(None)
+                count -= 1
 
     def withdraw(self, klass: PrefetchClass, chunk_ids: Iterable[str]) -> None:
         """Drop queued work that is no longer wanted (not what is already running)."""
@@ -92,7 +103,7 @@ class PrefetchScheduler:
         return len(self.queues[klass])
 
     def _next(self) -> tuple[str, int, PrefetchClass] | None:
-        for klass in PrefetchClass:
+        for klass in _CLASSES:
             queue = self.queues[klass]
             while queue:
                 chunk_id, length = queue.popitem(last=False)
@@ -104,8 +115,9 @@ class PrefetchScheduler:
         while True:
             item = self._next()
             if item is None:
-                self.wakeup.clear()
-                await self.wakeup.wait()
+                waiter = asyncio.get_running_loop().create_future()
+                self.idle.append(waiter)
+                await waiter
                 continue
             chunk_id, length, klass = item
             self.running[chunk_id] = klass
