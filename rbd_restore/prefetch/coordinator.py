@@ -18,6 +18,7 @@ For each session the fetcher serves, the coordinator
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -52,6 +53,9 @@ class Prefetcher:
         self.blocking = blocking
         self.executor = executor
         self.scheduler = PrefetchScheduler(self._stage, settings.slots, cache.__contains__)
+        for klass in PrefetchClass:  # read when scraped: exact, and nothing per chunk
+            metrics.prefetch_queued.labels(klass.label).set_function(
+                functools.partial(self.scheduler.pending, klass))
         self.meter = RateMeter()
         self.sessions: OrderedDict[str, SessionPrefetch] = OrderedDict()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -71,11 +75,6 @@ class Prefetcher:
     async def _stage(self, chunk_id: str, length: int, klass: PrefetchClass) -> None:
         await self.cache.stage(chunk_id, length, klass.label, self.executor,
                                in_memory=klass is PrefetchClass.RELOCATION)
-        self._count_queued()
-
-    def _count_queued(self) -> None:
-        for klass in PrefetchClass:
-            self.metrics.prefetch_queued.labels(klass.label).set(self.scheduler.pending(klass))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -146,7 +145,6 @@ class Prefetcher:
         # minute ago and dropped (16 restores at once: 40 MiB fetched twice).
         state.start_deferred = state.learning() and state.follower.defer_start()
         self._follow(state)
-        self._count_queued()
 
     async def _heuristic(self, view: Qcow2View) -> list[int]:
         starts: list[int] = []

@@ -8,12 +8,16 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from rbd_restore.cache.chunk_cache import ChunkCache
 from rbd_restore.cache.metrics import FetcherMetrics
+from rbd_restore.prefetch.coordinator import Prefetcher
+from rbd_restore.prefetch.profiles import ProfileStore
 from rbd_restore.prefetch.scheduler import PrefetchClass, PrefetchScheduler
+from rbd_restore.prefetch.session import PrefetchSettings
 
 FETCH_SECONDS = 0.25
 SLOTS = 3
@@ -233,3 +237,65 @@ def test_part_of_a_chunk_in_memory_is_served_from_it_without_a_copy(tmp_path: Pa
             assert past_end == data[4000:] + bytes(104)
 
         asyncio.run(scenario())
+
+
+def test_a_submit_wakes_one_idle_worker_per_chunk_it_queued(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relocation submits about one chunk per read: waking every idle worker to find
+    it cost the event loop a dozen task switches each time."""
+    staged: list[str] = []
+    looks = 0
+
+    async def stage(chunk_id: str, length: int, klass: PrefetchClass) -> None:
+        staged.append(chunk_id)
+        await asyncio.sleep(0)
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def scenario() -> int:
+        nonlocal looks
+        scheduler = PrefetchScheduler(stage, 12, lambda _: False)
+        original = scheduler._next
+
+        def counted() -> tuple[str, int, PrefetchClass] | None:
+            nonlocal looks
+            looks += 1
+            return original()
+
+        monkeypatch.setattr(scheduler, "_next", counted)
+        scheduler.start()
+        await settle()
+        looks = 0
+        scheduler.submit(PrefetchClass.RELOCATION, [("one", 1)])
+        await until(lambda: staged == ["one"])
+        await settle()
+        for_one = looks
+        # More chunks than idle workers, and some while all are busy: all are staged.
+        scheduler.submit(PrefetchClass.RELOCATION, [(f"a{n}", 1) for n in range(30)])
+        scheduler.submit(PrefetchClass.PROFILE, [(f"b{n}", 1) for n in range(5)])
+        await until(lambda: len(staged) == 36)
+        await scheduler.stop()
+        return for_one
+
+    assert asyncio.run(scenario()) <= 2  # the one woken worker: the chunk, then nothing
+    assert sorted(staged[1:]) == sorted([f"a{n}" for n in range(30)] +
+                                        [f"b{n}" for n in range(5)])
+
+
+def test_the_queued_gauge_reads_the_queue_when_scraped(rig: Rig) -> None:
+    """It was set only when a chunk finished staging: a queue filled since showed the
+    count of some earlier moment, and an idle fetcher the last one for good."""
+    prefetcher = Prefetcher(rig.cache, ProfileStore(cast(Any, None)), rig.metrics,
+                            PrefetchSettings(slots=SLOTS), cast(Any, None), rig.prefetch_pool)
+    prefetcher.scheduler.submit(PrefetchClass.RELOCATION, ids(range(0, 30)))
+    prefetcher.scheduler.submit(PrefetchClass.PROFILE, ids(range(30, 35)))
+
+    def queued(klass: str) -> float | None:
+        return rig.metrics.registry.get_sample_value("rbd_restore_fetcher_prefetch_queued",
+                                                     {"class": klass})
+
+    assert (queued("relocation"), queued("profile")) == (30, 5)
+    prefetcher.scheduler.withdraw(PrefetchClass.RELOCATION, [c for c, _ in ids(range(0, 10))])
+    assert queued("relocation") == 20
