@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Label values known in advance are exported from the start at zero, so that rate() and
 # alert rules see a series before the first event (an S3 error, a cache miss).
 S3_ERROR_KINDS = ("throttled", "server", "connection", "damaged")
+METHODS = ("GET", "HEAD")  # any other method is "other": HTTP lets a client make up any
 READERS = ("guest", "relocation")
 READ_RESULTS = ("hit", "wait", "miss")
 PREFETCH_CLASSES = ("profile", "relocation")
@@ -125,3 +126,20 @@ class FetcherMetrics:
                 family.labels(klass)
         for primed_by in PRIMED_BY:
             self.profile_sessions.labels(primed_by)
+        # labels() checks its arguments and takes a lock on every call; the data plane
+        # counts two labelled series per request, so each is looked up once.
+        self._children: dict[tuple[str, ...], Counter] = {}
+
+    def request_served(self, method: str, status: int) -> None:
+        label = method if method in METHODS else "other"
+        self._labelled(self.requests, "requests", label, str(status)).inc()
+
+    def chunk_read(self, reader: str, result: str) -> None:
+        self._labelled(self.reads, "reads", reader, result).inc()
+
+    def _labelled(self, family: Counter, name: str, *values: str) -> Counter:
+        key = (name, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child

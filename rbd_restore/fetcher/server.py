@@ -152,7 +152,7 @@ class FetcherService:
     async def handle_data(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         response = await self._data(request)
-        self.metrics.requests.labels(request.method, str(response.status)).inc()
+        self.metrics.request_served(request.method, response.status)
         if request.method == "GET" and response.status in (200, 206):
             seconds = time.monotonic() - started
             self.metrics.read_seconds.observe(seconds)
@@ -208,7 +208,7 @@ class FetcherService:
         request["reader"] = plan.reader
         states = [self.cache.state(piece.chunk_id) for piece in plan.slices]
         for state in states:
-            self.metrics.reads.labels(plan.reader, state).inc()
+            self.metrics.chunk_read(plan.reader, state)
         if plan.reader == "guest" and plan.slices:
             prefetch.guest_reads += 1
             prefetch.guest_read_hits += all(state == "hit" for state in states)

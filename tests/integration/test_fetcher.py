@@ -64,6 +64,21 @@ def test_head_and_range_semantics(reference: tuple[str, bytes]) -> None:
     assert request(url, path="/metrics")[0] == 404
 
 
+def test_other_methods_cost_the_metrics_no_series(fetcher: FetcherProcess,
+                                                  reference: tuple[str, bytes]) -> None:
+    """Each method labelled as sent would be a series of its own, in the fetcher's
+    memory and in Prometheus for good; aiohttp's C parser knows some thirty methods, its
+    pure-Python one (AIOHTTP_NO_EXTENSIONS) takes any token."""
+    url, _ = reference
+    for method in ("PROPFIND", "MKCOL", "PURGE", "LOCK", "SEARCH", "REPORT", "OPTIONS"):
+        assert request(url, method)[0] == 405
+    assert request(url, f"X{uuid.uuid4().hex[:8].upper()}")[0] in (400, 405)
+    assert request(url, "HEAD")[0] == 200
+    methods = {key.split('method="')[1].split('"')[0] for key in fetcher.metrics()
+               if key.startswith("rbd_restore_fetcher_requests_total{")}
+    assert methods <= {"GET", "HEAD", "other"} and "other" in methods
+
+
 def test_pipelined_requests_are_answered_in_order(reference: tuple[str, bytes]) -> None:
     url, whole = reference
     host, port, path = split(url)
