@@ -4,10 +4,15 @@ For consumers that take a file (Cinder's generic restore into an attached
 volume, ``dd``, ``qemu-img``): every chunk is fetched and verified before a
 byte of it is written, several at a time, written in order. Into a regular
 file zero chunks become holes.
+
+A file is new (export never overwrites), and when the export fails it is
+removed, as ``rbd export`` removes its own: a partial image left under the
+name asked for would pass for the backup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +50,22 @@ def export_backup(repo: Repository, backup_id: str, out: BinaryIO, workers: int 
             out.truncate(manifest.image_size)
         out.flush()
     return manifest.image_size
+
+
+def export_to_file(repo: Repository, backup_id: str, destination: str, workers: int = 8,
+                   progress: Progress | None = None) -> int:
+    """Export into a new file: the whole image, on disk (fsync) when this returns, or no
+    file at all. Raises FileExistsError when ``destination`` exists."""
+    out = open(destination, "xb")  # noqa: SIM115 (closed below, before any unlink)
+    try:
+        with out:
+            size = export_backup(repo, backup_id, out, workers, progress)
+            os.fsync(out.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(destination)
+        raise
+    return size
 
 
 def _write(out: BinaryIO, length: int, pending: Future[bytes] | None, sparse: bool) -> int:

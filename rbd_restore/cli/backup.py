@@ -295,18 +295,18 @@ def backups_export(
     destination: Annotated[str, typer.Argument(help="A file, or - for standard output.")],
     workers: WorkersOption = 8,
 ) -> None:
-    """Write a backup's raw image to a file (zero chunks as holes) or to stdout."""
+    """Write a backup's raw image to a new file (zero chunks as holes; removed if the export
+    fails) or to stdout."""
     import sys
 
-    from rbd_restore.export import export_backup
+    from rbd_restore.export import export_backup, export_to_file
 
     repo = open_repository(load_config(ctx), workers)
     if destination == "-":
         export_backup(repo, backup_id, sys.stdout.buffer, workers)
         return
     try:
-        with open(destination, "xb") as out:
-            size = export_backup(repo, backup_id, out, workers)
+        size = export_to_file(repo, backup_id, destination, workers)
     except FileExistsError:
         raise AlreadyExistsError(f"{destination} exists; export never overwrites") from None
     except OSError as exc:
