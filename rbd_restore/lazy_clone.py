@@ -13,8 +13,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,12 @@ def source_spec(url: str) -> str:
     return json.dumps({"type": "qcow", "stream": {"type": "http", "url": url}})
 
 
+# librbd's own errors when it cannot reach the URL at all (16.2.15: errno 111 for a
+# refused connection, ImageNotFound for a name that does not resolve).
+UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
+                      errno.ENETUNREACH, errno.ETIMEDOUT}
+
+
 def prepare(ioctx: Any, name: str, url: str) -> None:
     import rbd
 
@@ -51,13 +59,26 @@ def prepare(ioctx: Any, name: str, url: str) -> None:
     except rbd.ImageExists:
         raise AlreadyExistsError(f"image {name} already exists; restore never overwrites") \
             from None
-    except (rbd.IOError, rbd.ConnectionShutdown, rbd.Timeout, rbd.ImageNotFound) as exc:
-        # librbd opens the source (HEAD) while preparing; the URL is not echoed.
-        raise UnavailableError(f"librbd could not open the backup through the fetcher "
-                               f"({type(exc).__name__})") from None
     except rbd.Error as exc:  # librbd's message holds the source spec: never echo it
+        code = getattr(exc, "errno", None)
+        if isinstance(exc, rbd.IOError | rbd.ConnectionShutdown | rbd.Timeout |
+                      rbd.ImageNotFound) or code in UNREACHABLE_ERRNOS:
+            # librbd opens the source (HEAD) while preparing. The session's path holds
+            # its token: only the fetcher's origin is named.
+            reason = os.strerror(code) if code in UNREACHABLE_ERRNOS else type(exc).__name__
+            raise UnavailableError(
+                f"librbd could not open the backup at the fetcher {_origin(url)} ({reason}); "
+                "fetcher.public_url must reach this fetcher from every host that runs "
+                "librbd") from None
         raise UserError(f"librbd refused to stage image {name} "
-                        f"({type(exc).__name__}, errno {getattr(exc, 'errno', '?')})") from None
+                        f"({type(exc).__name__}, errno {code if code is not None else '?'})") \
+            from None
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 @dataclass(frozen=True)

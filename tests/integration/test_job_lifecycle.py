@@ -23,7 +23,7 @@ import rbd
 
 from rbd_restore import devcluster, lazy_clone
 from rbd_restore.jobs.store import JOBS_OBJECT, JobRecord, new_job_id, now_iso
-from tests.support.fetcher_proc import FetcherProcess
+from tests.support.fetcher_proc import FetcherProcess, free_port
 from tests.support.helpers import Cli, export_digest, new_image
 
 MiB = 1 << 20
@@ -70,6 +70,30 @@ def run_once(cli: Cli, *args: str, timeout: float = 120) -> subprocess.Completed
     result = cli.run("jobs", "run", "--once", *args, timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
+
+
+@pytest.mark.parametrize("public_url", ["http://127.0.0.1:{closed}",
+                                        "http://fetcher.invalid:8080"])
+def test_a_fetcher_url_librbd_cannot_reach_is_named_and_leaves_nothing(
+        cluster: devcluster.ClusterInfo, cli: Cli, ioctx: Any, source: dict[str, str],
+        images: list[str], tmp_path: Path, public_url: str) -> None:
+    """The commonest mistake in a deployment: a ``fetcher.public_url`` the Ceph clients
+    cannot reach. librbd says only ImageNotFound or errno 111."""
+    url = public_url.format(closed=free_port())
+    fetcher = FetcherProcess(cluster, tmp_path / "cache", cli.prefix,
+                             {"RBD_RESTORE_FETCHER_PUBLIC_URL": url})
+    fetcher.start()
+    try:
+        target = f"{source['name']}-unreachable"
+        images.append(target)
+        line = via(fetcher).fails("restore", source["backup_id"], f"volumes/{target}",
+                                  "--mode", "instant")
+        assert url in line and "fetcher.public_url" in line and "/v1/s/" not in line
+        assert target not in rbd.RBD().list(ioctx)
+        assert all(job["image"] != f"volumes/{target}" for job in cli.json("status")["jobs"])
+        assert fetcher.control("GET", "/v1/sessions")[1]["sessions"] == []
+    finally:
+        fetcher.stop()
 
 
 def test_a_copy_finished_by_hand_but_not_committed_is_committed(
