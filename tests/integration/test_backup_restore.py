@@ -182,3 +182,36 @@ def test_backups_list_filters_by_image(cli: Cli, ioctx: Any, images: list[str]) 
     assert [x["backup_id"] for x in listed] == [a, b]  # oldest first, by creation time
     only = cli.json("backups", "list", "--image", f"volumes/{second}")["backups"]
     assert [x["backup_id"] for x in only] == [b]
+
+
+def test_a_clone_is_backed_up_with_its_parents_data(cluster: devcluster.ClusterInfo, cli: Cli,
+                                                    ioctx: Any, images: list[str]) -> None:
+    """A Cinder volume made from a Glance image is a clone of the image's snapshot: most
+    of its bytes live in the parent. A backup of the clone alone would restore a disk of
+    holes; and after a flatten the next, incremental, backup must still be whole."""
+    rng = random.Random(11)
+    parent = new_image(ioctx, images, 24 * MiB)
+    with rbd.Image(ioctx, parent) as image:
+        image.write(rng.randbytes(20 * MiB), 0)
+        image.create_snap("base")
+        image.protect_snap("base")
+    child = f"{parent}-clone"
+    images.insert(0, child)  # removed before the parent's snapshot
+    rbd.RBD().clone(ioctx, parent, "base", ioctx, child, features=rbd.RBD_FEATURE_LAYERING)
+    spec = f"volumes/{child}"
+    with rbd.Image(ioctx, child) as image:
+        image.write(rng.randbytes(MiB), 5 * MiB + 4096)  # over the parent's data
+        image.resize(32 * MiB)
+        image.write(rng.randbytes(MiB), 28 * MiB)  # past the parent's end
+    generations = [(cli.json("backup", spec)["backup_id"], export_digest(cluster, spec))]
+    with rbd.Image(ioctx, child) as image:
+        image.write(rng.randbytes(MiB), 12 * MiB)
+        image.flatten()
+    second = cli.json("backup", spec)
+    assert second["parent"] == generations[0][0]  # incremental across the flatten
+    generations.append((second["backup_id"], export_digest(cluster, spec)))
+    for number, (backup_id, digest) in enumerate(generations):
+        restored = f"{child}-r{number}"
+        images.insert(0, restored)
+        cli.json("restore", backup_id, f"volumes/{restored}", "--mode", "full")
+        assert export_digest(cluster, f"volumes/{restored}") == digest, number
