@@ -172,6 +172,11 @@ class FetcherService:
         claim = self.book.claim_of(parts[3])
         if claim is None or self.book.is_closed_cached(claim.session_id):
             return close_after_reply(_plain(404, "not found"))
+        try:
+            if self.book.aged(claim) and not await self._still_held(claim.session_id):
+                return close_after_reply(_plain(404, "not found"))
+        except UserError as exc:  # S3 unreachable: librbd retries a 503, not a 404
+            return self._failed(exc, claim.session_id)
         self.guards["data"].trust(request)
         try:
             if request.method == "HEAD" and await self.blocking(
@@ -241,6 +246,13 @@ class FetcherService:
         await response.write_eof()
         self.prefetch.served(prefetch, plan)
         return response
+
+    async def _still_held(self, session_id: str) -> bool:
+        """A token past its age is served while an instant restore holds its session."""
+        known = self.book.known_hold(session_id)
+        if known is not None:
+            return known
+        return await self.blocking(self.book.held, session_id)
 
     def _sized(self, request: web.Request, status: int,
                headers: dict[str, str]) -> dict[str, str]:

@@ -10,6 +10,12 @@ session closed on another replica ends within the refresh interval; asking the
 bucket on every image open would add an S3 round trip to each, and a restore
 opens its image five times before it is ready.
 
+A token expires ``max_age`` after its session opened, except while that
+session is still held by an instant restore: librbd keeps the URL it was staged
+with in the image until the commit, and a relocation can outlive any age (a rate
+limit, a huge volume, a failed job waiting for an operator). Such a token is
+served while its open record, naming the restore, is in the bucket.
+
 The methods that touch the bucket block; the server calls them in its executor.
 """
 
@@ -18,20 +24,36 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
+import math
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from rbd_restore.errors import NotFoundError, UsageError, UserError
+from rbd_restore.errors import (
+    IntegrityError,
+    NotFoundError,
+    UnavailableError,
+    UsageError,
+    UserError,
+)
 from rbd_restore.fetcher import tokens
 from rbd_restore.qcow2.view import check_importable
 from rbd_restore.repo.layout import JOB_ID, SESSION_ID
 from rbd_restore.repo.locks import RepositoryBusy, being_deleted, read_clock
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository
-from rbd_restore.repo.sessions import IMAGE_SPEC, SessionRecord, open_sessions, session_context
+from rbd_restore.repo.sessions import (
+    IMAGE_SPEC,
+    SessionRecord,
+    open_record,
+    open_sessions,
+    session_context,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,8 @@ class Session:
 
 
 VERIFIED_TOKENS = 4096  # valid tokens whose claims are kept, most recently used
+HELD_SECONDS = 300.0  # how long "held by a restore" is believed before asking again
+NOT_HELD_SECONDS = 60.0  # and "not held": an old leaked URL costs one S3 GET a minute
 
 
 class SessionBook:
@@ -62,6 +86,8 @@ class SessionBook:
         # librbd sends the token with every read (500 per GiB relocated): its HMAC,
         # base64 and JSON are checked once; its age on every use.
         self.verified: OrderedDict[str, tokens.SessionClaim] = OrderedDict()
+        # Sessions past max_age: whether a restore still holds them, and when that was read.
+        self.holds: OrderedDict[str, tuple[bool, float]] = OrderedDict()
 
     def url_for(self, claim: tokens.SessionClaim) -> str:
         return f"{self.data_url}/v1/s/{tokens.sign(self.secret, claim)}/disk.qcow2"
@@ -135,7 +161,7 @@ class SessionBook:
         for record in open_sessions(self.repo).records:
             claim = tokens.SessionClaim(record.session_id, record.backup_id, record.created,
                                         record.rate_limit, record.history)
-            if time.time() - claim.created <= self.max_age:
+            if time.time() - claim.created <= self.max_age or record.job_id:
                 sessions.append(Session(claim.session_id, claim.backup_id, claim.created,
                                         self.url_for(claim)))
         return sorted(sessions, key=lambda s: s.created)
@@ -157,20 +183,54 @@ class SessionBook:
         self.repo.store.delete(key)
 
     def claim_of(self, token: str) -> tokens.SessionClaim | None:
-        now = time.time()
+        """The claim of an authentic token, whatever its age: one past ``max_age``
+        (``aged``) is served only while ``held`` says a restore holds its session."""
         claim = self.verified.get(token)
         if claim is not None:
-            if now - claim.created <= self.max_age:
-                self.verified.move_to_end(token)
-                return claim
-            del self.verified[token]
-            return None
-        claim = tokens.verify(self.secret, token, now, self.max_age)
+            self.verified.move_to_end(token)
+            return claim
+        claim = tokens.verify(self.secret, token, time.time(), math.inf)
         if claim is not None:
             self.verified[token] = claim
             if len(self.verified) > VERIFIED_TOKENS:
                 self.verified.popitem(last=False)
         return claim
+
+    def aged(self, claim: tokens.SessionClaim) -> bool:
+        return time.time() - claim.created > self.max_age
+
+    def known_hold(self, session_id: str) -> bool | None:
+        """What ``held`` answered lately (no I/O: safe on the event loop); None: ask it."""
+        known = self.holds.get(session_id)
+        if known is None:
+            return None
+        held, at = known
+        if time.monotonic() - at > (HELD_SECONDS if held else NOT_HELD_SECONDS):
+            return None
+        return held
+
+    def held(self, session_id: str) -> bool:
+        """Whether the session's open record is in the bucket and names the instant
+        restore that holds it (blocking). A closed session has no open record."""
+        try:
+            record = open_record(self.repo, session_id)
+            held = record is not None and bool(record.job_id)
+        except (IntegrityError, ValueError) as exc:  # damaged: nothing says it is held
+            log.warning("open session record unreadable", extra={"session": session_id,
+                                                                 "reason": str(exc)[:200]})
+            held = False
+        except UnavailableError:
+            # S3 down while the answer was due again: a session held before still is
+            # (closing it is seen through the closed list); never asked, the read fails.
+            if self.holds.get(session_id, (False, 0.0))[0]:
+                held = True
+            else:
+                raise
+        self.holds[session_id] = (held, time.monotonic())
+        self.holds.move_to_end(session_id)
+        if len(self.holds) > VERIFIED_TOKENS:
+            self.holds.popitem(last=False)
+        return held
 
     def is_closed_cached(self, session_id: str) -> bool:
         """From the closed list as last refreshed (no I/O: safe on the event loop)."""

@@ -121,10 +121,24 @@ def open_sessions(repo: Repository, stable: bool = False) -> OpenSessions:
             unreadable[info.key] = None
             continue
         try:
-            record = SessionRecord.decode(data)
-            if record.session_id != session_id:
-                raise ValueError("names another session")
-            records.append(record)
+            records.append(_decoded(session_id, data))
         except ValueError:
             unreadable[info.key] = frozenset(m.decode() for m in _ANY_BACKUP_ID.findall(data))
     return OpenSessions(records, unreadable)
+
+
+def open_record(repo: Repository, session_id: str) -> SessionRecord | None:
+    """The session's open record; None when the session is not open. Raises
+    IntegrityError (a sealed record that does not open) or ValueError (malformed)."""
+    try:
+        data = repo.store.get(repo.keys.session_open(session_id))
+    except ObjectMissing:
+        return None
+    return _decoded(session_id, repo.codec.open_object(session_context(session_id), data))
+
+
+def _decoded(session_id: str, data: bytes) -> SessionRecord:
+    record = SessionRecord.decode(data)
+    if record.session_id != session_id:
+        raise ValueError("names another session")
+    return record

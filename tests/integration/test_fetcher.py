@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ import rbd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rbd_restore import devcluster
+from rbd_restore import devcluster, lazy_clone
 from rbd_restore.ceph import remove_image
+from rbd_restore.fetcher import tokens
 from rbd_restore.fetcher.headers import BEAST_HEADER_LIMIT, BUFFER_DOUBLES_PAST
 from tests.integration.fetcher_fixtures import backup, fetcher, reference, request, split
 from tests.support.fetcher_proc import FetcherProcess
-from tests.support.helpers import Cli, manifest_body, put_chunk_content
+from tests.support.helpers import Cli, export_digest, manifest_body, put_chunk_content
 
 __all__ = ["backup", "fetcher", "reference"]  # the fixtures these tests use
 
@@ -225,6 +227,44 @@ def test_closed_session_is_404_everywhere_and_for_good(
         assert fetcher.control("DELETE", f"/v1/sessions/{session['session_id']}")[0] == 404
     finally:
         replica.stop()
+
+
+def test_a_restore_outliving_the_token_age_still_reads_until_it_ends(
+        cluster: devcluster.ClusterInfo, fetcher: FetcherProcess, ioctx: Any,
+        images: list[str], reference: tuple[str, bytes], backup: dict[str, Any]) -> None:
+    """librbd keeps the URL it was staged with in the image for the restore's life, and
+    a slow relocation (a rate limit, a 10 TiB volume) or a failed job left for a while
+    outlives ``session_max_age_days``: past it every read of data not yet relocated
+    failed, and the job could never finish (only an abort, losing the VM's writes)."""
+    _, whole = reference
+    status, session = fetcher.control("POST", "/v1/sessions", {
+        "backup_id": backup["backup_id"], "job_id": "r20261206T120000Z-0a1b2c",
+        "image": "volumes/outlived"})
+    assert status == 201, session
+    secret = fetcher.settings.secret.encode()
+    month_ago = int(time.time()) - 31 * 86400
+    token = tokens.sign(secret, tokens.SessionClaim(session["session_id"],
+                                                    backup["backup_id"], month_ago))
+    url = session["url"].replace(session["url"].split("/")[-2], token)
+    assert request(url, "HEAD")[0] == 200
+    status, _, body = request(url, headers={"Range": "bytes=0-65535"})
+    assert status == 206 and body == whole[:65536]
+    # Staged by librbd with that URL, relocated and committed bit-exact.
+    target = f"outlived-{uuid.uuid4().hex[:8]}"
+    images.append(target)
+    lazy_clone.prepare(ioctx, target, url)
+    rbd.RBD().migration_execute(ioctx, target)
+    rbd.RBD().migration_commit(ioctx, target)
+    assert export_digest(cluster, f"volumes/{target}") == export_digest(cluster, backup["snap"])
+    # An ad-hoc session (no restore holds it), or one no longer open, ages out as before.
+    adhoc = fetcher.create_session(backup["backup_id"])
+    for session_id in (adhoc["session_id"], tokens.new_session_id()):
+        old = tokens.sign(secret, tokens.SessionClaim(session_id, backup["backup_id"],
+                                                      month_ago))
+        assert request(url.replace(token, old), "HEAD")[0] == 404
+    assert fetcher.control("DELETE", f"/v1/sessions/{session['session_id']}")[0] == 200
+    assert request(url, "HEAD")[0] == 404
+    assert request(url, headers={"Range": "bytes=0-65535"})[0] == 404
 
 
 def test_control_plane_needs_the_bearer_token(fetcher: FetcherProcess,
