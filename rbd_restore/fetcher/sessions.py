@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from rbd_restore.errors import (
     IntegrityError,
@@ -54,6 +54,7 @@ from rbd_restore.repo.sessions import (
 )
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -191,9 +192,7 @@ class SessionBook:
             return claim
         claim = tokens.verify(self.secret, token, time.time(), math.inf)
         if claim is not None:
-            self.verified[token] = claim
-            if len(self.verified) > VERIFIED_TOKENS:
-                self.verified.popitem(last=False)
+            _remember(self.verified, token, claim)
         return claim
 
     def aged(self, claim: tokens.SessionClaim) -> bool:
@@ -226,10 +225,7 @@ class SessionBook:
                 held = True
             else:
                 raise
-        self.holds[session_id] = (held, time.monotonic())
-        self.holds.move_to_end(session_id)
-        if len(self.holds) > VERIFIED_TOKENS:
-            self.holds.popitem(last=False)
+        _remember(self.holds, session_id, (held, time.monotonic()))
         return held
 
     def is_closed_cached(self, session_id: str) -> bool:
@@ -259,3 +255,12 @@ class SessionBook:
             self.repo.store.delete_many(expired)
         # Keep what this replica closed itself even if a listing lags behind it.
         self.closed |= closed
+
+
+def _remember(cache: OrderedDict[str, V], key: str, value: V) -> None:
+    """Keep ``value`` as the most recently used; beyond VERIFIED_TOKENS entries the
+    least recently used is forgotten."""
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > VERIFIED_TOKENS:
+        cache.popitem(last=False)
