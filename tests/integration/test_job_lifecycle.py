@@ -24,7 +24,7 @@ import rbd
 from rbd_restore import devcluster, lazy_clone
 from rbd_restore.jobs.store import JOBS_OBJECT, JobRecord, new_job_id, now_iso
 from tests.support.fetcher_proc import FetcherProcess, free_port
-from tests.support.helpers import Cli, export_digest, new_image
+from tests.support.helpers import Cli, export_digest, new_image, wait_for
 
 MiB = 1 << 20
 
@@ -249,14 +249,6 @@ def lock_holder(cluster: devcluster.ClusterInfo, job_id: str) -> dict[str, Any]:
                          capture_output=True, text=True, check=True).stdout
     lockers: list[dict[str, Any]] = json.loads(out)["lockers"]
     return lockers[0] if lockers else {}
-
-
-def wait_for(check: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
-    return value
 
 
 def test_two_runners_never_run_one_job_twice_and_a_runner_that_loses_its_lock_stops(

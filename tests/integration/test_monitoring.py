@@ -10,7 +10,6 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import rbd
 
 from rbd_restore import devcluster
 from tests.support.fetcher_proc import FetcherProcess, free_port
-from tests.support.helpers import Cli
+from tests.support.helpers import Cli, wait_for
 from tests.support.monitoring import exported_name, queried_metrics
 
 MiB = 1 << 20
@@ -37,14 +36,6 @@ def scrape(address: str) -> dict[str, float]:
 
 def names(samples: dict[str, float]) -> set[str]:
     return {exported_name(re.split(r"[{ ]", series)[0]) for series in samples}
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-    return result
 
 
 def test_dashboard_and_alert_metrics_are_exported_during_a_restore(
@@ -71,12 +62,14 @@ def test_dashboard_and_alert_metrics_are_exported_during_a_restore(
                 image.read(offset, 4096)
         # While the runner holds the job, its series are there, labelled by job id.
         during = wait_for(lambda: (s := scrape(address)) and any(
-            f'job_id="{job}"' in series for series in s) and s)
+            f'job_id="{job}"' in series for series in s) and s, timeout=120, every=0.1)
         held = [s for s in during if s.startswith("rbd_restore_job_progress_ratio{")]
         assert any(f'image="volumes/{target}"' in s for s in held), held
-        wait_for(lambda: cli.json("status", job)["jobs"][0]["state"] == "committed")
+        wait_for(lambda: cli.json("status", job)["jobs"][0]["state"] == "committed",
+                 timeout=120, every=0.1)
         after = wait_for(lambda: (s := scrape(address)) and s.get(
-            'rbd_restore_jobs_finished_total{state="committed"}', 0) >= 1 and s)
+            'rbd_restore_jobs_finished_total{state="committed"}', 0) >= 1 and s,
+                         timeout=120, every=0.1)
 
         exported = names(during) | names(after)
         assert sorted(queried_metrics() - exported) == []

@@ -8,7 +8,9 @@ import os
 import random
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,3 +136,13 @@ def new_image(ioctx: Any, images: list[str], size: int) -> str:
     rbd.RBD().create(ioctx, name, size, old_format=False)
     images.append(name)
     return name
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
+    """``condition()``'s first true value, asked every ``every`` s; fails after
+    ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(every)
+    return value
