@@ -26,6 +26,7 @@ from typing import Any
 from rbd_restore.ceph import Cluster, ImageRef, image_exists, open_image, remove_image
 from rbd_restore.errors import AlreadyExistsError, IntegrityError, UserError
 from rbd_restore.parallel import run_bounded
+from rbd_restore.pool_room import ensure_room
 from rbd_restore.repo.locks import reading
 from rbd_restore.repo.manifest import Manifest
 from rbd_restore.repo.repository import Repository, snapshot_name
@@ -132,6 +133,10 @@ def restore_full(cluster: Cluster, repo: Repository, backup_id: str, ref: ImageR
             raise AlreadyExistsError(f"image {ref} already exists; restore never overwrites")
         staging = ImageRef(ref.pool, partial_name(ref.name, backup_id))
         done = _resumable(ioctx, staging.name, manifest)
+        # Before the first write: one into a pool without room waits forever.
+        ensure_room(cluster, ref.pool, sum(manifest.chunk_length(i)
+                                           for i, _ in manifest.allocated()
+                                           if i not in (done or ())))
         if done is None:
             rbd.RBD().create(ioctx, staging.name, manifest.image_size, old_format=False)
             done = set()

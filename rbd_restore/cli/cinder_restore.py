@@ -17,6 +17,8 @@ from rbd_restore.jobs.abort import abort_job, reconcile
 from rbd_restore.jobs.store import JobRecord, JobStore
 from rbd_restore.openstack import volumes as ops
 from rbd_restore.output import print_json
+from rbd_restore.pool_room import ensure_room
+from rbd_restore.repo.manifest import Manifest
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
@@ -39,14 +41,14 @@ def run_restore(site: Site, backup_id: str, volume: str | None, name: str | None
         site.api.set_metadata(created.id, {ops.NEW_VOLUME_KEY: manifest.backup_id})
         target = ops.placement(site.conf, created)
         try:
-            job_id = _swap(site, target, manifest.backup_id, mode, keep_old=False)
+            job_id = _swap(site, target, manifest, mode, keep_old=False)
         except BaseException:
             site.api.delete_volume(created.id)  # made for this restore only
             raise
     else:
         target = existing
         with ops.fenced(site.api, target.volume.id):
-            job_id = _swap(site, target, manifest.backup_id, mode, keep_old=True)
+            job_id = _swap(site, target, manifest, mode, keep_old=True)
     ready = ops.elapsed_since(started)
     ops.apply_volume_metadata(site.api, target.volume.id, manifest)
     return {"volume_id": target.volume.id, "volume_name": target.volume.name,
@@ -55,23 +57,27 @@ def run_restore(site: Site, backup_id: str, volume: str | None, name: str | None
             "seconds": ops.elapsed_since(started)}
 
 
-def _swap(site: Site, target: ops.Placement, backup_id: str, mode: str,
+def _swap(site: Site, target: ops.Placement, manifest: Manifest, mode: str,
           keep_old: bool) -> str | None:
     """Put the backup in place of the volume's image; the job id of an instant one."""
     from rbd_restore.restore_full import restore_full
 
+    backup_id = manifest.backup_id
     keep = keep_old and mode == "instant"  # its job removes the old image at the commit
-    with site.cluster(target.backend) as cluster, \
-            ops.image_set_aside(cluster, target.image, keep=keep) as aside:
-        job_id = None
-        if mode == "full":
-            restore_full(cluster, open_repository(site.cfg), backup_id, target.image)
-        else:
-            job_id = instant.start(cluster, ControlClient(site.cfg.fetcher), backup_id,
-                                   target.image, replaces=aside if keep_old else "",
-                                   boot_set_seconds=site.cfg.fetcher.boot_set_seconds).id
-        ops.grow_to(cluster, target.image, target.volume.size_gb)
-        return job_id
+    with site.cluster(target.backend) as cluster:
+        # Before the image is moved aside: a rename in a full pool waits for room too.
+        ensure_room(cluster, target.image.pool, manifest.allocated_bytes)
+        with ops.image_set_aside(cluster, target.image, keep=keep) as aside:
+            job_id = None
+            if mode == "full":
+                restore_full(cluster, open_repository(site.cfg), backup_id, target.image)
+            else:
+                job_id = instant.start(
+                    cluster, ControlClient(site.cfg.fetcher), backup_id, target.image,
+                    replaces=aside if keep_old else "",
+                    boot_set_seconds=site.cfg.fetcher.boot_set_seconds).id
+            ops.grow_to(cluster, target.image, target.volume.size_gb)
+            return job_id
 
 
 def _volume_of(site: Site, record: JobRecord) -> str | None:

@@ -10,13 +10,27 @@ from rbd_restore.errors import NotFoundError, UnavailableError, UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs.lease import lease, runner_cookie
 from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
+from rbd_restore.pool_room import full_pools
 
 
-def reconcile(cluster: Cluster, record: JobRecord) -> tuple[JobRecord, str]:
+def pool_full_note(record: JobRecord, reason: str) -> str:
+    return (f"pool {record.pool} is full ({reason}); the relocation of {record.spec} and "
+            "the writes of a VM using it wait until the pool has room")
+
+
+def reconcile(cluster: Cluster, record: JobRecord,
+              full: dict[str, str] | None = None) -> tuple[JobRecord, str]:
     """The header's migration state wins over a record that a dead runner left behind;
-    also returns that state (``""`` when there is none to show)."""
+    also returns that state (``""`` when there is none to show). ``full``: the pools
+    Ceph takes no writes into (:func:`full_pools`), when the caller asked already."""
     if record.state not in ACTIVE:
         return record, ""
+    if full is None:
+        full = full_pools(cluster, {record.pool})
+    if record.pool in full:
+        # librbd reads the migration state through a read-write open of the image,
+        # which registers a watch: a write, and on a full pool it waits for room.
+        return record.with_(error=pool_full_note(record, full[record.pool])), ""
     try:
         with cluster.ioctx(record.pool) as ioctx:
             migration = lazy_clone.state(ioctx, record.image)
@@ -52,7 +66,11 @@ def abort_job(cluster: Cluster, control: ControlClient, job_id: str) -> Aborted:
     import rbd
 
     store = JobStore(cluster)
-    record, _ = reconcile(cluster, store.get(job_id))
+    stored = store.get(job_id)
+    if reason := full_pools(cluster, {stored.pool}).get(stored.pool):
+        raise UserError(f"pool {stored.pool} is full ({reason}): aborting job {job_id} "
+                        "writes to it, and would wait for room; give the pool room first")
+    record, _ = reconcile(cluster, stored, {})
     if record.state not in ACTIVE:
         raise UserError(f"job {job_id} is {record.state}; only restores that are not "
                         "committed yet can be aborted")

@@ -19,6 +19,7 @@ from rbd_restore.errors import AlreadyExistsError, UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs.lease import lease, runner_cookie
 from rbd_restore.jobs.store import JobRecord, JobStore, new_job_id, now_iso
+from rbd_restore.pool_room import object_size, pool_room
 
 
 def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRef,
@@ -35,6 +36,10 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
     with cluster.ioctx(ref.pool) as ioctx:
         if image_exists(ioctx, ref.name):
             raise AlreadyExistsError(f"image {ref} already exists; restore never overwrites")
+        # The job record is the first write into the pool: a full one would hang it.
+        room = pool_room(cluster, ref.pool)
+        if room is not None:
+            room.ensure(0)
         record = JobRecord(id=new_job_id(), backup_id=backup_id, pool=ref.pool,
                            image=ref.name, session_id="", state="preparing",
                            replaces=replaces, created=now_iso(), updated=now_iso(),
@@ -52,6 +57,8 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
                                       bytes_total=int(session.get("allocated_bytes", 0)),
                                       allocation_marks=tuple(float(m) for m in marks))
                 store.save(record)
+                if room is not None:  # a VM must not boot on an image that cannot be filled
+                    room.ensure(record.bytes_total, object_size(cluster))
                 lazy_clone.prepare(ioctx, ref.name, session["url"])
                 boot_set = [int(o) for o in session.get("boot_offsets") or []]
                 hydrated = lazy_clone.hydrate(ioctx, ref.name, boot_set, boot_set_seconds)

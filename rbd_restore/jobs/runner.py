@@ -33,6 +33,7 @@ from rbd_restore.jobs import isolated
 from rbd_restore.jobs.lease import JobBusy, Lease, LeaseLost, lease, runner_cookie
 from rbd_restore.jobs.metrics import RunnerMetrics
 from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
+from rbd_restore.pool_room import full_pools
 
 log = logging.getLogger(__name__)
 LEARNING_POLL_SECONDS = 0.5
@@ -82,6 +83,7 @@ class JobRunner:
         self.max_attempts = max_attempts
         self.parallel_jobs = parallel_jobs
         self.stopping = threading.Event()
+        self.pools_full: set[str] = set()
 
     def _save(self, record: JobRecord) -> None:
         self.store.save(record)
@@ -296,6 +298,19 @@ class JobRunner:
         finally:
             self.metrics.held.release(record.id)  # another runner's, or nobody's, now
 
+    def _pools_without_room(self, active: list[JobRecord]) -> set[str]:
+        """The pools of ``active`` jobs that Ceph takes no writes into. Their jobs are
+        not started: each would hold a worker thread in librados until the pool has
+        room, and the jobs of other pools would wait for a free one."""
+        full = full_pools(self.cluster, {r.pool for r in active}) if active else {}
+        for pool in full.keys() - self.pools_full:
+            log.warning("pool %s is full (%s): its jobs wait until it has room", pool,
+                        full[pool])
+        for pool in self.pools_full - full.keys():
+            log.info("pool %s takes writes again: its jobs go on", pool)
+        self.pools_full = set(full)
+        return self.pools_full
+
     def serve(self, poll_seconds: float = 2.0, once: bool = False,
               only: str | None = None) -> None:
         """Run every active job (or only job ``only``), up to ``parallel_jobs`` at once,
@@ -321,7 +336,9 @@ class JobRunner:
                     if once and not active and not running:
                         return
                     waiting = poll_seconds
-                    for record in fair_order(r for r in active if r.id not in running):
+                    full = self._pools_without_room(active)
+                    for record in fair_order(r for r in active
+                                             if r.id not in running and r.pool not in full):
                         if (due_in := record.due_in()) > 0:
                             waiting = min(waiting, due_in)
                         elif len(running) < self.parallel_jobs:

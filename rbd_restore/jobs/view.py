@@ -11,6 +11,7 @@ from rbd_restore.errors import UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs.abort import reconcile
 from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
+from rbd_restore.pool_room import full_pools
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,10 @@ def job_views(cluster: Cluster, control: ControlClient | None,
     else:
         scan = store.scan()
         records, problems = scan.records, list(scan.problems)
+    full = full_pools(cluster, {r.pool for r in records if r.state in ACTIVE})
     views = []
     for stored in records:
-        record, migration = reconcile(cluster, stored)
+        record, migration = reconcile(cluster, stored, full)
         reads = hits = None
         if control is not None and record.state in ACTIVE and record.session_id:
             try:
