@@ -21,6 +21,7 @@ from typing import Any
 from rbd_restore.ceph import Cluster, ImageRef, open_image
 from rbd_restore.errors import UsageError, UserError
 from rbd_restore.parallel import run_bounded
+from rbd_restore.pool_room import refuse_if_full
 from rbd_restore.repo import chunks as chunk_codec
 from rbd_restore.repo.layout import BACKUP_ID
 from rbd_restore.repo.locks import S3Clock, backup_lock, backup_running
@@ -217,6 +218,7 @@ def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: in
     repo.store.check_bucket()
     backup_id = new_backup_id()
     snap = snapshot_name(backup_id)
+    refuse_if_full(cluster, ref.pool, f"a backup of {ref} (its snapshot)")
     with cluster.ioctx(ref.pool) as ioctx, open_image(ioctx, ref) as image, \
             backup_lock(repo.store, repo.keys, backup_id) as clock:
         _remove_abandoned_snapshots(repo, image, clock)

@@ -47,38 +47,57 @@ class PoolRoom:
     max_avail_bytes: int
 
     def ensure(self, need_bytes: int, object_bytes: int = 1 << DEFAULT_OBJECT_ORDER) -> None:
-        """Raise :class:`NoRoomError` when ``need_bytes``, written into objects of
-        ``object_bytes``, cannot fit."""
+        """Raise :class:`NoRoomError` when ``need_bytes`` of a restore, written into
+        objects of ``object_bytes``, cannot fit."""
         need_objects = -(-need_bytes // object_bytes)  # at least: a chunk may span two
-        fix = (f"raise it (ceph osd pool set-quota {self.pool} ...) or restore into "
-               "another pool")
+        elsewhere = "or restore into another pool"
         if self.full_reason:
-            raise NoRoomError(f"pool {self.pool} is full ({self.full_reason}): every write "
-                              f"to it waits until it has room; {fix}")
+            raise NoRoomError(f"{full_message(self.pool, self.full_reason, 'a restore')} "
+                              f"{elsewhere}")
+        quota = f"raise the quota ({SET_QUOTA.format(pool=self.pool)}) {elsewhere}"
         if self.quota_bytes and need_bytes > self.quota_bytes - self.stored_bytes:
             left = max(0, self.quota_bytes - self.stored_bytes)
             raise NoRoomError(
                 f"pool {self.pool} has room for {format_size(left)} under its quota of "
                 f"{format_size(self.quota_bytes)}, and the backup holds "
-                f"{format_size(need_bytes)}; {fix.replace('raise it', 'raise the quota')}")
+                f"{format_size(need_bytes)}; {quota}")
         if self.quota_objects and need_objects > self.quota_objects - self.stored_objects:
             left = max(0, self.quota_objects - self.stored_objects)
             raise NoRoomError(
                 f"pool {self.pool} has room for {left} objects under its quota of "
                 f"{self.quota_objects}, and the restore writes at least {need_objects}; "
-                f"{fix.replace('raise it', 'raise the quota')}")
+                f"{quota.replace('max_bytes', 'max_objects')}")
         if need_bytes > self.max_avail_bytes:
             raise NoRoomError(
                 f"the cluster can place {format_size(self.max_avail_bytes)} more in pool "
                 f"{self.pool} (MAX AVAIL), and the backup holds {format_size(need_bytes)}; "
-                "add capacity or restore into another pool")
+                f"add capacity {elsewhere}")
+
+
+SET_QUOTA = "ceph osd pool set-quota {pool} max_bytes N"
+_QUOTA_USED_UP = "its quota is used up"
+
+
+def full_message(pool: str, reason: str, what: str) -> str:
+    """One line: ``pool`` is full for ``reason``, and ``what`` writes to it."""
+    remedy = (f"raise its quota ({SET_QUOTA.format(pool=pool)})" if reason == _QUOTA_USED_UP
+              else "free space or add OSDs")
+    return (f"pool {pool} is full ({reason}): {what} writes to it, and Ceph holds every "
+            f"write to a full pool until it has room; {remedy}")
+
+
+def refuse_if_full(cluster: Cluster, pool: str, what: str) -> None:
+    """Raise :class:`NoRoomError` when Ceph takes no writes into ``pool``: ``what`` (a
+    backup, an abort) would wait there for room without a word."""
+    if reason := full_pools(cluster, {pool}).get(pool):
+        raise NoRoomError(full_message(pool, reason, what))
 
 
 def full_reason(flags: str) -> str:
     """Why a pool with these OSD-map flags (``flags_names``) takes no writes; ""."""
     names = set(flags.split(","))
     if "full_quota" in names:
-        return "its quota is used up"
+        return _QUOTA_USED_UP
     if "full" in names:
         return "an OSD it uses is past the cluster's full ratio"
     return ""

@@ -10,7 +10,7 @@ from rbd_restore.errors import NotFoundError, UnavailableError, UserError
 from rbd_restore.fetcher.client import ControlClient
 from rbd_restore.jobs.lease import lease, runner_cookie
 from rbd_restore.jobs.store import ACTIVE, JobRecord, JobStore
-from rbd_restore.pool_room import full_pools
+from rbd_restore.pool_room import full_pools, refuse_if_full
 
 
 def pool_full_note(record: JobRecord, reason: str) -> str:
@@ -67,9 +67,7 @@ def abort_job(cluster: Cluster, control: ControlClient, job_id: str) -> Aborted:
 
     store = JobStore(cluster)
     stored = store.get(job_id)
-    if reason := full_pools(cluster, {stored.pool}).get(stored.pool):
-        raise UserError(f"pool {stored.pool} is full ({reason}): aborting job {job_id} "
-                        "writes to it, and would wait for room; give the pool room first")
+    refuse_if_full(cluster, stored.pool, f"aborting job {job_id}")
     record, _ = reconcile(cluster, stored, {})
     if record.state not in ACTIVE:
         raise UserError(f"job {job_id} is {record.state}; only restores that are not "

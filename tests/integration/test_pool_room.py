@@ -1,4 +1,4 @@
-"""Restores into a pool without room (issue: trust).
+"""Restores into, and backups from, a pool without room (issue: trust).
 
 A write to a pool Ceph flags full waits in librados for room, without an error or
 a timeout: before the check, a full restore into such a pool hung without a word,
@@ -103,9 +103,13 @@ def test_a_restore_into_a_pool_without_room_is_refused_and_a_full_pool_is_report
         # image before), and a runner leaves the job alone instead of hanging on it.
         set_quota(rados_cluster, pool, 8 * MiB)
         wait_for(lambda: flagged_full(rados_cluster, pool), timeout=90, every=0.5)
-        line = via.fails("restore", backup_id, f"{pool}/full-3", "--mode", "full")
-        assert f"pool {pool} is full (its quota is used up)" in line, line
-        line = via.fails("abort", job_id)
+        line = via.fails("restore", backup_id, f"{pool}/full-3", "--mode", "full", timeout=60)
+        assert f"pool {pool} is full (its quota is used up): a restore writes to it" in line
+        # A backup snapshots its image: that waited for room too, without a word.
+        line = via.fails("backup", f"{pool}/full-2", timeout=60)
+        assert (f"pool {pool} is full (its quota is used up): a backup of {pool}/full-2 "
+                "(its snapshot) writes to it") in line, line
+        line = via.fails("abort", job_id, timeout=60)
         assert f"pool {pool} is full (its quota is used up): aborting job {job_id}" in line
         note = (f"pool {pool} is full (its quota is used up); the relocation of "
                 f"{pool}/instant-2 and the writes of a VM using it wait until the pool "

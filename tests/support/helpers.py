@@ -48,9 +48,10 @@ class Cli:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
-    def fails(self, *args: str, env: dict[str, str] | None = None) -> str:
+    def fails(self, *args: str, env: dict[str, str] | None = None,
+              timeout: float = 300) -> str:
         """Run a command that must fail with one line on stderr; return that line."""
-        result = self.run(*args, env=env)
+        result = self.run(*args, env=env, timeout=timeout)
         assert result.returncode != 0, result.stdout
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr

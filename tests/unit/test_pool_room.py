@@ -28,20 +28,26 @@ def test_the_osd_map_flags_name_why_a_pool_takes_no_writes() -> None:
 
 def test_a_pool_flagged_full_takes_not_even_an_empty_restore() -> None:
     with pytest.raises(NoRoomError, match=re.escape(
-            "pool volumes is full (its quota is used up): every write to it waits")):
+            "pool volumes is full (its quota is used up): a restore writes to it, and Ceph "
+            "holds every write to a full pool until it has room; raise its quota (ceph osd "
+            "pool set-quota volumes max_bytes N) or restore into another pool")):
         room(full_reason="its quota is used up").ensure(0)
+    with pytest.raises(NoRoomError, match=r"full ratio\): a restore .*; free space or add OSDs"):
+        room(full_reason=full_reason("full")).ensure(0)
 
 
 def test_the_quota_left_bounds_the_bytes_and_the_objects() -> None:
     room(quota_bytes=30 * MiB).ensure(20 * MiB)  # exactly what is left
     with pytest.raises(NoRoomError, match=re.escape(
-            "room for 20.0 MiB under its quota of 30.0 MiB, and the backup holds 20.0 MiB")):
+            "room for 20.0 MiB under its quota of 30.0 MiB, and the backup holds 20.0 MiB; "
+            "raise the quota (ceph osd pool set-quota volumes max_bytes N)")):
         room(quota_bytes=30 * MiB).ensure(20 * MiB + 1)
     with pytest.raises(NoRoomError, match="room for 0 B under its quota"):
         room(quota_bytes=5 * MiB).ensure(1)  # already past it (the flag lags)
     room(quota_objects=8).ensure(20 * MiB)  # five 4 MiB objects, three stored
-    with pytest.raises(NoRoomError, match="room for 5 objects under its quota of 8, and "
-                                          "the restore writes at least 6"):
+    with pytest.raises(NoRoomError, match=r"room for 5 objects under its quota of 8, and the "
+                                          r"restore writes at least 6; .*set-quota volumes "
+                                          r"max_objects N"):
         room(quota_objects=8).ensure(20 * MiB + 1)
     room(quota_objects=8).ensure(5 * MiB, object_bytes=1 * MiB)
     with pytest.raises(NoRoomError, match="at least 6"):
