@@ -20,6 +20,7 @@ from typing import Any
 
 from rbd_restore.ceph import Cluster, ImageRef, open_image
 from rbd_restore.errors import UsageError, UserError
+from rbd_restore.image_layout import read_layout
 from rbd_restore.parallel import run_bounded
 from rbd_restore.pool_room import refuse_if_full
 from rbd_restore.repo import chunks as chunk_codec
@@ -234,7 +235,8 @@ def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: in
                     manifest, chunks_read = _store_snapshot(
                         repo, frozen, backup_id, parent, chunk_size, workers, progress,
                         source, started)
-                manifest = dataclasses.replace(manifest, labels=dict(labels or {}))
+                manifest = dataclasses.replace(manifest, labels=dict(labels or {}),
+                                               layout=read_layout(cluster, image))
                 repo.save_manifest(manifest)
             except BaseException:
                 image.remove_snap(snap)

@@ -51,11 +51,16 @@ UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
                       errno.ENETUNREACH, errno.ETIMEDOUT}
 
 
-def prepare(ioctx: Any, name: str, url: str) -> None:
+def prepare(ioctx: Any, name: str, url: str, options: dict[str, Any] | None = None) -> None:
+    """``options``: the new image's layout (image_layout.create_options)."""
     import rbd
 
+    options = dict(options or {})
+    if isinstance(options.get("data_pool"), str):
+        # The 16.2 binding hands this one to librbd unconverted: bytes, or a TypeError.
+        options["data_pool"] = options["data_pool"].encode()
     try:
-        rbd.RBD().migration_prepare_import(source_spec(url), ioctx, name)
+        rbd.RBD().migration_prepare_import(source_spec(url), ioctx, name, **options)
     except rbd.ImageExists:
         raise AlreadyExistsError(f"image {name} already exists; restore never overwrites") \
             from None

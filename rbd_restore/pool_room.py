@@ -25,11 +25,11 @@ from typing import Any
 
 from rbd_restore.ceph import Cluster
 from rbd_restore.errors import UserError
+from rbd_restore.image_layout import default_object_size
 from rbd_restore.units import format_size
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OBJECT_ORDER = 22  # librbd's rbd_default_order: 4 MiB objects
 
 
 class NoRoomError(UserError):
@@ -46,7 +46,7 @@ class PoolRoom:
     quota_objects: int
     max_avail_bytes: int
 
-    def ensure(self, need_bytes: int, object_bytes: int = 1 << DEFAULT_OBJECT_ORDER) -> None:
+    def ensure(self, need_bytes: int, object_bytes: int = 4 << 20) -> None:
         """Raise :class:`NoRoomError` when ``need_bytes`` of a restore, written into
         objects of ``object_bytes``, cannot fit."""
         need_objects = -(-need_bytes // object_bytes)  # at least: a chunk may span two
@@ -134,17 +134,19 @@ def pool_room(cluster: Cluster, pool: str) -> PoolRoom | None:
                     int(usage.get("max_avail", 0)))
 
 
-def object_size(cluster: Cluster) -> int:
-    """The object size of images created with librbd's defaults on this client."""
-    order = str(cluster.rados.conf_get("rbd_default_order") or "")  # None: not an option
-    return 1 << (int(order) if order.isdigit() else DEFAULT_OBJECT_ORDER)
-
-
-def ensure_room(cluster: Cluster, pool: str, need_bytes: int) -> None:
-    """Refuse a restore of ``need_bytes`` into ``pool`` that cannot fit (see the module)."""
+def ensure_room(cluster: Cluster, pool: str, need_bytes: int, data_pool: str = "",
+                object_bytes: int = 0) -> None:
+    """Refuse a restore of ``need_bytes`` into ``pool`` that cannot fit (see the module).
+    With a ``data_pool`` the data goes there, and ``pool`` takes only the image's header
+    and metadata: it must not be full. ``object_bytes``: 0 for librbd's default."""
+    if data_pool and data_pool != pool:
+        if reason := full_pools(cluster, {pool}).get(pool):
+            raise NoRoomError(f"{full_message(pool, reason, 'a restore')} or restore into "
+                              "another pool")
+        pool = data_pool
     room = pool_room(cluster, pool)
     if room is not None:
-        room.ensure(need_bytes, object_size(cluster))
+        room.ensure(need_bytes, object_bytes or default_object_size(cluster))
 
 
 def full_pools(cluster: Cluster, pools: set[str]) -> dict[str, str]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from rbd_restore.ceph import Cluster, ImageRef, image_exists, open_image, remove_image
 from rbd_restore.errors import AlreadyExistsError, IntegrityError, UserError
+from rbd_restore.image_layout import apply_metadata, create_options
 from rbd_restore.parallel import run_bounded
 from rbd_restore.pool_room import ensure_room
 from rbd_restore.repo.locks import reading
@@ -133,12 +134,16 @@ def restore_full(cluster: Cluster, repo: Repository, backup_id: str, ref: ImageR
             raise AlreadyExistsError(f"image {ref} already exists; restore never overwrites")
         staging = ImageRef(ref.pool, partial_name(ref.name, backup_id))
         done = _resumable(ioctx, staging.name, manifest)
+        options = create_options(cluster, manifest.layout, staging=False)
         # Before the first write: one into a pool without room waits forever.
         ensure_room(cluster, ref.pool, sum(manifest.chunk_length(i)
                                            for i, _ in manifest.allocated()
-                                           if i not in (done or ())))
+                                           if i not in (done or ())),
+                    options.get("data_pool", ""),
+                    manifest.layout.object_size if manifest.layout else 0)
         if done is None:
-            rbd.RBD().create(ioctx, staging.name, manifest.image_size, old_format=False)
+            rbd.RBD().create(ioctx, staging.name, manifest.image_size, old_format=False,
+                             **options)
             done = set()
         try:
             written, fetched = _fill(repo, manifest, ioctx, staging, done, workers, progress)
@@ -162,6 +167,8 @@ def _fill(repo: Repository, manifest: Manifest, ioctx: Any, staging: ImageRef,
             result = _write_chunks(repo, manifest, image, workers, progress, ledger)
         finally:
             ledger.save()
+        # Only now: a QoS limit in it (conf_rbd_qos_*) would have paced these writes.
+        apply_metadata(image, manifest.layout)
         snap = snapshot_name(manifest.backup_id)
         if not any(s["name"] == snap for s in image.list_snaps()):  # an earlier run's
             image.create_snap(snap)

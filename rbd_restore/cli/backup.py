@@ -167,7 +167,8 @@ def _summary(manifest: Manifest) -> dict[str, object]:
             "chunks": manifest.chunk_count,
             "chunks_allocated": sum(1 for _ in manifest.allocated()),
             "snapshot": manifest.source.snapshot,
-            "stats": manifest.stats.__dict__, "labels": manifest.labels}
+            "stats": manifest.stats.__dict__, "labels": manifest.labels,
+            "layout": manifest.layout.as_json() if manifest.layout else None}
 
 
 @backups_app.command("list")

@@ -66,7 +66,8 @@ def _swap(site: Site, target: ops.Placement, manifest: Manifest, mode: str,
     keep = keep_old and mode == "instant"  # its job removes the old image at the commit
     with site.cluster(target.backend) as cluster:
         # Before the image is moved aside: a rename in a full pool waits for room too.
-        ensure_room(cluster, target.image.pool, manifest.allocated_bytes)
+        # (How much room the backup needs, and in which pool, the restore checks.)
+        ensure_room(cluster, target.image.pool, 0)
         with ops.image_set_aside(cluster, target.image, keep=keep) as aside:
             job_id = None
             if mode == "full":

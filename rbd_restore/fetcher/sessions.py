@@ -131,7 +131,8 @@ class SessionBook:
         self._check_not_deleted(record, clock, key)
         sizes = {"image_size": manifest.image_size, "allocated_bytes": manifest.allocated_bytes,
                  "allocation_marks": manifest.allocation_marks(),
-                 "snapshots": list(claim.history)}
+                 "snapshots": list(claim.history),
+                 "layout": manifest.layout.as_json() if manifest.layout else None}
         session = Session(claim.session_id, backup_id, claim.created, self.url_for(claim))
         return session, sizes, manifest
 

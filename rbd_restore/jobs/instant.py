@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 from rbd_restore import lazy_clone
-from rbd_restore.ceph import Cluster, ImageRef, image_exists
+from rbd_restore.ceph import Cluster, ImageRef, image_exists, open_image
 from rbd_restore.errors import AlreadyExistsError, UserError
 from rbd_restore.fetcher.client import ControlClient
+from rbd_restore.image_layout import apply_metadata, create_options
 from rbd_restore.jobs.lease import lease, runner_cookie
 from rbd_restore.jobs.store import JobRecord, JobStore, new_job_id, now_iso
-from rbd_restore.pool_room import object_size, pool_room
+from rbd_restore.pool_room import ensure_room
+from rbd_restore.repo.image_layout import Layout, parse_layout
 
 
 def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRef,
@@ -37,9 +40,7 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
         if image_exists(ioctx, ref.name):
             raise AlreadyExistsError(f"image {ref} already exists; restore never overwrites")
         # The job record is the first write into the pool: a full one would hang it.
-        room = pool_room(cluster, ref.pool)
-        if room is not None:
-            room.ensure(0)
+        ensure_room(cluster, ref.pool, 0)
         record = JobRecord(id=new_job_id(), backup_id=backup_id, pool=ref.pool,
                            image=ref.name, session_id="", state="preparing",
                            replaces=replaces, created=now_iso(), updated=now_iso(),
@@ -57,11 +58,19 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
                                       bytes_total=int(session.get("allocated_bytes", 0)),
                                       allocation_marks=tuple(float(m) for m in marks))
                 store.save(record)
-                if room is not None:  # a VM must not boot on an image that cannot be filled
-                    room.ensure(record.bytes_total, object_size(cluster))
-                lazy_clone.prepare(ioctx, ref.name, session["url"])
+                layout = _layout(session)
+                options = create_options(cluster, layout, staging=True)
+                # A VM must not boot on an image that cannot be filled.
+                ensure_room(cluster, ref.pool, record.bytes_total,
+                            options.get("data_pool", ""), layout.object_size if layout else 0)
+                lazy_clone.prepare(ioctx, ref.name, session["url"], options)
                 boot_set = [int(o) for o in session.get("boot_offsets") or []]
                 hydrated = lazy_clone.hydrate(ioctx, ref.name, boot_set, boot_set_seconds)
+                if layout is not None and layout.metadata:
+                    # After the boot set: hydrate switches copy-on-read on and off for
+                    # itself, which must not undo a setting the source had.
+                    with open_image(ioctx, ref) as image:
+                        apply_metadata(image, layout)
             except BaseException as exc:
                 if isinstance(exc, AlreadyExistsError) or (
                         isinstance(exc, Exception) and not image_exists(ioctx, ref.name)):
@@ -77,3 +86,14 @@ def start(cluster: Cluster, control: ControlClient, backup_id: str, ref: ImageRe
                                   image_id=lazy_clone.image_id(ioctx, ref.name))
             store.save(record)
     return record
+
+
+def _layout(session: dict[str, Any]) -> Layout | None:
+    """The backup's layout, as the fetcher read it from the manifest; None for a backup
+    written before layouts were kept (the image gets the client's defaults)."""
+    if session.get("layout") is None:
+        return None
+    try:
+        return parse_layout(session["layout"])
+    except ValueError as exc:
+        raise UserError(f"the fetcher's session answer has a bad layout: {exc}") from None

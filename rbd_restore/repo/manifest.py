@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from rbd_restore.errors import IntegrityError, UnknownKey
 from rbd_restore.repo.chunks import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from rbd_restore.repo.image_layout import Layout, parse_layout
 from rbd_restore.repo.layout import BACKUP_ID, CHUNK_ID
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class Manifest:
     stats: Stats = field(default_factory=Stats)
     labels: dict[str, str] = field(default_factory=dict)  # e.g. openstack.volume_id
     key_id: str = ""  # format 2: the data key its chunk ids and MAC are under
+    layout: Layout | None = None  # None: a backup written before layouts were kept
 
     @property
     def created_at(self) -> dt.datetime:
@@ -172,6 +174,8 @@ def to_json(manifest: Manifest, key: DataKey | None = None, encryption: str = ""
     }
     if manifest.labels:  # absent when empty: manifests written before labels read alike
         body["labels"] = dict(manifest.labels)
+    if manifest.layout is not None:
+        body["layout"] = manifest.layout.as_json()
     if key:
         body["key_id"] = key.key_id
         body["encryption"] = encryption
@@ -230,11 +234,12 @@ def from_json(data: bytes, expected_id: str | None = None,
     labels = body.get("labels", {})
     try:
         check_labels(labels)
+        layout = parse_layout(body["layout"]) if "layout" in body else None
     except ValueError as exc:
         raise IntegrityError(f"{what}: {exc}") from None
     return Manifest(backup_id=backup_id, created=_field(body, "created", str), source=source,
                     image_size=image_size, chunk_size=chunk_size, chunks=chunks, parent=parent,
-                    stats=stats, labels=labels, key_id=key_id)
+                    stats=stats, labels=labels, key_id=key_id, layout=layout)
 
 
 def _authenticate(what: str, body: dict[str, Any], keys: Mapping[str, DataKey] | None,
