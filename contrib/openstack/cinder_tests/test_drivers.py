@@ -140,6 +140,67 @@ def test_backup_driver_then_instant_volume_from_backup(
     driver.delete_volume(source)
 
 
+def test_the_backup_driver_restores_a_volume_whatever_the_export_says_on_stderr(
+        cluster: devcluster.ClusterInfo, cinder_env: dict[str, Any], rados_cluster: Any,
+        tmp_path: Path) -> None:
+    """`openstack volume backup restore` streams `backups export` into the volume. The
+    export's stderr was a pipe nobody read until the end: past 64 KiB of it (a debug
+    log level, warnings) the export stopped, and the restore with it, for good."""
+    import threading
+
+    import rbd
+    from os_brick.initiator import linuxrbd
+    from rbd_restore_cinder.backup import RBDRestoreBackupDriver
+
+    env = cinder_env
+    driver = volume_driver(cluster, env)
+    source, target = make_volume(env), make_volume(env)
+    driver.create_volume(source)
+    driver.create_volume(target)
+    with rados_cluster.open_ioctx("volumes") as ioctx, rbd.Image(ioctx, source.name) as image:
+        image.write(random.Random(6).randbytes(6 * MiB), 1 * MiB)
+    want = export_digest(cluster, f"volumes/{source.name}")
+    real = Path(__file__).resolve().parents[3] / ".venv" / "bin" / "rbd-restore"
+    chatty = tmp_path / "rbd-restore"
+    chatty.write_text(f"#!/bin/sh\nhead -c 262144 /dev/zero | tr '\\0' w >&2\n"
+                      f'exec {real} "$@"\n')
+    chatty.chmod(0o755)
+    env["conf"].set_override("rbd_restore_config", str(env["config"]))
+    env["conf"].set_override("rbd_restore_command", str(real))
+    backup = env["objects"].Backup(env["ctx"], volume_id=source.id, status="creating",
+                                   user_id="u1", project_id="p1", size=1,
+                                   service="rbd_restore_cinder.backup.RBDRestoreBackupDriver")
+    backup.create()
+    with linuxrbd.RBDClient("admin", "volumes", conffile=str(cluster.ceph_conf)) as client:
+        wrapper = linuxrbd.RBDVolumeIOWrapper(linuxrbd.RBDImageMetadata(
+            rbd.Image(client.ioctx, source.name), "volumes", "admin", str(cluster.ceph_conf)))
+        backup.update(RBDRestoreBackupDriver(env["ctx"]).backup(backup, wrapper))
+        wrapper.close()
+    backup.save()
+
+    env["conf"].set_override("rbd_restore_command", str(chatty))
+    failures: list[BaseException] = []
+    with linuxrbd.RBDClient("admin", "volumes", conffile=str(cluster.ceph_conf)) as client:
+        wrapper = linuxrbd.RBDVolumeIOWrapper(linuxrbd.RBDImageMetadata(
+            rbd.Image(client.ioctx, target.name), "volumes", "admin", str(cluster.ceph_conf)))
+
+        def restore() -> None:
+            try:
+                RBDRestoreBackupDriver(env["ctx"]).restore(backup, target.id, wrapper, True)
+            except BaseException as exc:
+                failures.append(exc)
+
+        worker = threading.Thread(target=restore, daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "the restore is stuck"
+        wrapper.close()
+    assert failures == []
+    assert export_digest(cluster, f"volumes/{target.name}") == want
+    driver.delete_volume(target)
+    driver.delete_volume(source)
+
+
 def test_a_backup_of_another_driver_takes_cinders_generic_path(
         cluster: devcluster.ClusterInfo, cinder_env: dict[str, Any]) -> None:
     env = cinder_env

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from typing import Any
 
 from cinder import exception, objects
@@ -96,20 +97,22 @@ class RBDRestoreBackupDriver(driver.BackupDriver):  # type: ignore[misc]  # cind
         backup_id = rbd_restore_backup_id(backup)
         if backup_id is None:
             raise exception.InvalidBackup(reason="not an rbd-restore backup")
-        stream = subprocess.Popen(cli.command(self.configuration, "backups", "export",
-                                              backup_id, "-"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert stream.stdout is not None
-        zero = bytes(BLOCK)
-        while block := stream.stdout.read(BLOCK):
-            if volume_is_new and block == zero[:len(block)]:
-                volume_file.seek(len(block), 1)  # a new volume reads zeros there already
-            else:
-                volume_file.write(block)
-        _, err = stream.communicate()
-        if stream.returncode != 0:
-            raise exception.BackupDriverException(
-                reason=err.decode(errors="replace").strip()[-300:] or "export failed")
+        # Its stderr goes to a file: a pipe nobody reads while the data is copied
+        # stops the export once it fills (64 KiB), and this loop with it.
+        with tempfile.TemporaryFile() as errors:
+            stream = subprocess.Popen(cli.command(self.configuration, "backups", "export",
+                                                  backup_id, "-"),
+                                      stdout=subprocess.PIPE, stderr=errors)
+            assert stream.stdout is not None
+            try:
+                _copy(stream.stdout, volume_file, volume_is_new)
+            finally:
+                stream.stdout.close()  # after a write that failed here, the export ends
+                returncode = stream.wait()
+            if returncode != 0:
+                errors.seek(0)
+                reason = errors.read().decode(errors="replace").strip()[-300:]
+                raise exception.BackupDriverException(reason=reason or "export failed")
         volume_file.flush()
         labels = (cli.run(self.configuration, "backups", "show", backup_id).get("labels")
                   or {})
@@ -133,6 +136,15 @@ class RBDRestoreBackupDriver(driver.BackupDriver):  # type: ignore[misc]  # cind
 
     def import_record(self, backup: Any, driver_info: Any) -> None:
         return None
+
+
+def _copy(source: Any, volume_file: Any, volume_is_new: bool) -> None:
+    zero = bytes(BLOCK)
+    while block := source.read(BLOCK):
+        if volume_is_new and block == zero[:len(block)]:
+            volume_file.seek(len(block), 1)  # a new volume reads zeros there already
+        else:
+            volume_file.write(block)
 
 
 def get_backup_driver(context: Any) -> RBDRestoreBackupDriver:
