@@ -21,6 +21,7 @@ from typing import Any
 from rbd_restore.ceph import Cluster, ImageRef, open_image
 from rbd_restore.errors import UsageError, UserError
 from rbd_restore.image_layout import read_layout
+from rbd_restore.jobs.store import JobStore
 from rbd_restore.parallel import run_bounded
 from rbd_restore.pool_room import refuse_if_full
 from rbd_restore.repo import chunks as chunk_codec
@@ -122,9 +123,9 @@ def _find_parent(repo: Repository, image: Any, chunk_size: int) -> Manifest | No
 
 
 def _dirty_chunks(image: Any, start: int, end: int, chunk_size: int,
-                  since: str | None) -> set[int]:
+                  since: str | None, include_parent: bool = True) -> set[int]:
     """Chunks with extents in ``[start, end)`` allocated (``since`` None) or changed since
-    that snapshot."""
+    that snapshot; with ``include_parent``, a clone's parent data counts as its own."""
     dirty: set[int] = set()
 
     def mark(offset: int, length: int, _exists: bool) -> int:
@@ -132,29 +133,66 @@ def _dirty_chunks(image: Any, start: int, end: int, chunk_size: int,
         return 0
 
     if end > start:
-        image.diff_iterate(start, end - start, since, mark, include_parent=True,
+        image.diff_iterate(start, end - start, since, mark, include_parent=include_parent,
                            whole_object=True)
     return dirty
 
 
-def chunks_to_read(image: Any, size: int, chunk_size: int,
-                   parent: Manifest | None) -> list[int]:
+def chunks_to_read(image: Any, size: int, chunk_size: int, parent: Manifest | None,
+                   include_parent: bool = True) -> list[int]:
     """The chunks whose content must be read: all allocated ones for a full backup;
     for an incremental, those changed since the parent's snapshot, plus what a
-    resize between the two backups changed."""
+    resize between the two backups changed. Without ``include_parent``, only the
+    image's own data counts (see :func:`_staged_from`)."""
     if parent is None:
-        return sorted(_dirty_chunks(image, 0, size, chunk_size, None))
-    dirty = _dirty_chunks(image, 0, size, chunk_size, snapshot_name(parent.backup_id))
-    old_size = parent.image_size
-    if old_size != size:
-        # A chunk cut by either end changed length, hence id, whatever its bytes.
-        for end in (old_size, size):
-            if end % chunk_size:
-                dirty.add(end // chunk_size)
-        # What was written past the old end (extend, then write), whether or not the
-        # diff against a smaller snapshot reports it.
-        dirty |= _dirty_chunks(image, old_size, size, chunk_size, None)
+        return sorted(_dirty_chunks(image, 0, size, chunk_size, None, include_parent))
+    dirty = _dirty_chunks(image, 0, size, chunk_size, snapshot_name(parent.backup_id),
+                          include_parent)
+    dirty |= _resized(parent.image_size, size, chunk_size)
+    # What was written past the old end (extend, then write), whether or not the
+    # diff against a smaller snapshot reports it.
+    dirty |= _dirty_chunks(image, parent.image_size, size, chunk_size, None, include_parent)
     return sorted(i for i in dirty if i < chunk_count(size, chunk_size))
+
+
+def _resized(old_size: int, size: int, chunk_size: int) -> set[int]:
+    """A chunk cut by either end changed length, hence id, whatever its bytes."""
+    if old_size == size:
+        return set()
+    return {end // chunk_size for end in (old_size, size) if end % chunk_size}
+
+
+def _staged_from(cluster: Cluster, repo: Repository, ref: ImageRef, image: Any
+                 ) -> Manifest | None:
+    """The backup an instant restore staged ``image`` from, while the image still reads
+    through to it (a librbd migration); None for an image not migrating.
+
+    librbd 16.2.15 cannot diff such an image with its source: ``diff_iterate`` with
+    ``include_parent`` fails an assertion and ends the process (measured; the backup
+    died of SIGFPE). So its own data is diffed alone, and where it has none, its
+    content is that backup's."""
+    import rbd
+
+    if not int(image.features()) & rbd.RBD_FEATURE_MIGRATING:
+        return None
+    image_id = str(image.id())
+    for record in JobStore(cluster).in_pool(ref.pool):
+        if record.image_id == image_id or (not record.image_id and record.image == ref.name):
+            return repo.load_manifest(record.backup_id)
+    raise UserError(f"image {ref} is being migrated, and not by an rbd-restore instant "
+                    "restore: back it up once the migration is committed")
+
+
+def _chunks_under(other: Manifest, size: int, chunk_size: int) -> set[int]:
+    """This backup's chunks (of ``chunk_size``, image of ``size``) that overlap a chunk
+    ``other`` holds data in."""
+    found: set[int] = set()
+    for index, _ in other.allocated():
+        start = index * other.chunk_size
+        end = min(start + other.chunk_length(index), size)
+        if start < end:
+            found.update(range(start // chunk_size, (end - 1) // chunk_size + 1))
+    return found
 
 
 IN_PROGRESS_KEY = "rbd-restore.backup-in-progress."
@@ -223,6 +261,7 @@ def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: in
     with cluster.ioctx(ref.pool) as ioctx, open_image(ioctx, ref) as image, \
             backup_lock(repo.store, repo.keys, backup_id) as clock:
         _remove_abandoned_snapshots(repo, image, clock)
+        staged_from = _staged_from(cluster, repo, ref, image)
         parent = None if full else _find_parent(repo, image, chunk_size)
         mark = IN_PROGRESS_KEY + backup_id
         image.metadata_set(mark, dt.datetime.now(dt.UTC).isoformat())
@@ -234,7 +273,7 @@ def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: in
                 with open_image(ioctx, ref, snapshot=snap, read_only=True) as frozen:
                     manifest, chunks_read = _store_snapshot(
                         repo, frozen, backup_id, parent, chunk_size, workers, progress,
-                        source, started)
+                        source, started, staged_from)
                 manifest = dataclasses.replace(manifest, labels=dict(labels or {}),
                                                layout=read_layout(cluster, image))
                 repo.save_manifest(manifest)
@@ -249,19 +288,30 @@ def run_backup(cluster: Cluster, repo: Repository, ref: ImageRef, chunk_size: in
 
 def _store_snapshot(repo: Repository, frozen: Any, backup_id: str, parent: Manifest | None,
                     chunk_size: int, workers: int, progress: Progress | None, source: Source,
-                    started: float) -> tuple[Manifest, int]:
+                    started: float, staged_from: Manifest | None = None
+                    ) -> tuple[Manifest, int]:
     size = int(frozen.size())
     count = chunk_count(size, chunk_size)
     # The parent's snapshot on this image holds exactly the parent backup's content.
-    dirty = chunks_to_read(frozen, size, chunk_size, parent)
-    # Unchanged chunks keep the parent's ids; past the parent's end (the image grew)
-    # they are zero unless read; past the new end (it shrank) they are gone.
+    dirty = set(chunks_to_read(frozen, size, chunk_size, parent,
+                               include_parent=staged_from is None))
+    seed = parent
+    if staged_from is not None and parent is None:
+        if staged_from.chunk_size == chunk_size and \
+                staged_from.key_id == repo.codec.current_key_id:
+            seed = staged_from  # what the image shows where it has no data of its own
+            dirty |= {i for i in _resized(staged_from.image_size, size, chunk_size)
+                      if i < count}
+        else:  # its chunk ids cannot be reused: read what it holds through the image
+            dirty |= _chunks_under(staged_from, size, chunk_size)
+    # Unchanged chunks keep the seed's ids; past its end (the image grew) they are zero
+    # unless read; past the new end (it shrank) they are gone.
     chunk_ids: list[str | None] = [None] * count
-    if parent:
-        kept = min(count, len(parent.chunks))
-        chunk_ids[:kept] = parent.chunks[:kept]
+    if seed:
+        kept = min(count, len(seed.chunks))
+        chunk_ids[:kept] = seed.chunks[:kept]
     counters = _Counters()
-    uploader = _Uploader(repo, parent.unique_chunk_ids() if parent else set(), counters)
+    uploader = _Uploader(repo, seed.unique_chunk_ids() if seed else set(), counters)
     total = sum(min(chunk_size, size - i * chunk_size) for i in dirty)
 
     def work(index: int) -> None:
@@ -279,7 +329,7 @@ def _store_snapshot(repo: Repository, frozen: Any, backup_id: str, parent: Manif
         uploader.ensure(cid, data)
         chunk_ids[index] = cid
 
-    run_bounded(work, dirty, workers, "backup")
+    run_bounded(work, sorted(dirty), workers, "backup")
     nonzero = sum(1 for cid in chunk_ids if cid is not None)
     stats = Stats(bytes_read=counters.bytes_read, bytes_uploaded=counters.bytes_uploaded,
                   chunks_new=counters.chunks_new, chunks_reused=nonzero - counters.chunks_new,

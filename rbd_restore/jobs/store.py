@@ -263,6 +263,10 @@ class JobStore:
     def list(self) -> list[JobRecord]:
         return self.scan().records
 
+    def in_pool(self, pool: str) -> tuple[JobRecord, ...]:
+        """The job records of one pool (those that parse)."""
+        return tuple(self._pool_records(pool, []))
+
     def get(self, job_id: str) -> JobRecord:
         if not JOB_ID.match(job_id):
             raise UsageError(f"{job_id!r:.40} is not a job id (they look like "
