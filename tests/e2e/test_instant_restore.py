@@ -93,8 +93,13 @@ def test_vm_boots_on_staged_image_then_relocation_and_commit(
 def test_relocation_first_vm_midway_and_runner_killed(
         cluster: devcluster.ClusterInfo, site: dict[str, Any], target: str) -> None:
     cli: Cli = site["cli"]
+    # No boot set: with the profile earlier tests recorded it copies 17 of the disk's 18
+    # objects before the restore is ready, and the relocation was over before the VM
+    # started (a CI run; this test needs a relocation still under way).
     started = cli.json("restore", site["backup"]["backup_id"], f"volumes/{target}",
-                       "--mode", "instant", "--rate-limit", "1.5")
+                       "--mode", "instant", "--rate-limit", "1.5",
+                       env={"RBD_RESTORE_FETCHER_BOOT_SET_SECONDS": "0"})
+    assert job(site, started["job_id"])["boot_set_objects"] == 0
     first = runner(site)
     vm = vm_on(site, cluster, target, hold=60)
     try:
