@@ -6,14 +6,11 @@ own pool, and one with journaling (journal-based mirroring) came back without it
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import rbd
 
 from rbd_restore import devcluster
@@ -24,24 +21,6 @@ MiB = 1 << 20
 FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
             | rbd.RBD_FEATURE_JOURNALING)  # no object-map, no fast-diff, no deep-flatten
 META = {"conf_rbd_qos_iops_limit": "5000", "owner": "team-a"}
-
-
-def mon(rados_cluster: Any, prefix: str, **args: Any) -> None:
-    ret, _, err = rados_cluster.mon_command(
-        json.dumps({"prefix": prefix, "format": "json", **args}), b"", timeout=30)
-    assert ret == 0, err
-
-
-@pytest.fixture
-def data_pool(rados_cluster: Any) -> Iterator[str]:
-    """A pool of its own holding the images' data (replicated: the memstore OSD has no
-    erasure-coded overwrites; librbd treats either kind alike here)."""
-    name = f"data-{uuid.uuid4().hex[:8]}"
-    mon(rados_cluster, "osd pool create", pool=name, pg_num=8, pgp_num=8)
-    mon(rados_cluster, "osd pool application enable", pool=name, app="rbd")
-    yield name
-    mon(rados_cluster, "osd pool delete", pool=name, pool2=name,
-        yes_i_really_really_mean_it=True)
 
 
 def layout_of(ioctx: Any, rados_cluster: Any, name: str) -> dict[str, Any]:
@@ -57,8 +36,11 @@ def layout_of(ioctx: Any, rados_cluster: Any, name: str) -> dict[str, Any]:
 
 def test_full_and_instant_restores_lay_the_image_out_like_its_source(
         cluster: devcluster.ClusterInfo, cli: Cli, rados_cluster: Any, ioctx: Any,
-        images: list[str], data_pool: str, tmp_path: Path) -> None:
+        images: list[str], scratch_pool: str, tmp_path: Path) -> None:
     name = f"layout-{uuid.uuid4().hex[:8]}"
+    # The images' data in a pool of its own (replicated: the memstore OSD has no
+    # erasure-coded overwrites; librbd treats either kind alike here).
+    data_pool = scratch_pool
     images += [name, f"{name}-full", f"{name}-instant", f"{name}-elsewhere"]
     rbd.RBD().create(ioctx, name, 40 * MiB, order=23, old_format=False, features=FEATURES,
                      stripe_unit=1 * MiB, stripe_count=4, data_pool=data_pool)

@@ -8,7 +8,6 @@ bad records and pools it may not read, and stops when it loses a job's lock.
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -24,20 +23,9 @@ import rbd
 from rbd_restore import devcluster, lazy_clone
 from rbd_restore.jobs.store import JOBS_OBJECT, JobRecord, new_job_id, now_iso
 from tests.support.fetcher_proc import FetcherProcess, free_port
-from tests.support.helpers import Cli, export_digest, new_image, wait_for
+from tests.support.helpers import Cli, export_digest, wait_for
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def source(cli: Cli, ioctx: Any, images: list[str],
-           cluster: devcluster.ClusterInfo) -> dict[str, str]:
-    name = new_image(ioctx, images, 24 * MiB)
-    with rbd.Image(ioctx, name) as image:
-        image.write(random.Random(name).randbytes(20 * MiB), 2 * MiB)
-    backup_id = cli.json("backup", f"volumes/{name}")["backup_id"]
-    return {"name": name, "backup_id": backup_id,
-            "digest": export_digest(cluster, f"volumes/{name}")}
 
 
 @pytest.fixture

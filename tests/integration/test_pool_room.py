@@ -8,11 +8,8 @@ later. The pool here is a real one with a real quota, filled by real writes.
 
 from __future__ import annotations
 
-import json
-import random
 import signal
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,48 +19,26 @@ import rbd
 
 from rbd_restore import devcluster
 from tests.support.fetcher_proc import FetcherProcess
-from tests.support.helpers import Cli, export_digest, new_image, wait_for
+from tests.support.helpers import Cli, export_digest, mon_command, wait_for
 
 MiB = 1 << 20
 
 
-def mon(rados_cluster: Any, prefix: str, **args: Any) -> Any:
-    ret, out, err = rados_cluster.mon_command(
-        json.dumps({"prefix": prefix, "format": "json", **args}), b"", timeout=30)
-    assert ret == 0, err
-    return json.loads(out) if out.strip() else None
-
-
 def set_quota(rados_cluster: Any, pool: str, max_bytes: int) -> None:
-    mon(rados_cluster, "osd pool set-quota", pool=pool, field="max_bytes", val=str(max_bytes))
+    mon_command(rados_cluster, "osd pool set-quota", pool=pool, field="max_bytes",
+                val=str(max_bytes))
 
 
 def flagged_full(rados_cluster: Any, pool: str) -> bool:
-    details = {p["pool_name"]: p for p in mon(rados_cluster, "osd pool ls", detail="detail")}
+    details = {p["pool_name"]: p
+               for p in mon_command(rados_cluster, "osd pool ls", detail="detail")}
     return "full_quota" in details[pool]["flags_names"].split(",")
 
 
 @pytest.fixture
-def pool(rados_cluster: Any) -> Iterator[str]:
-    """A pool of its own, deleted with everything in it after the test."""
-    name = f"room-{uuid.uuid4().hex[:8]}"
-    mon(rados_cluster, "osd pool create", pool=name, pg_num=8, pgp_num=8)
-    with rados_cluster.open_ioctx(name) as ioctx:
-        rbd.RBD().pool_init(ioctx, False)
-    yield name
-    set_quota(rados_cluster, name, 0)
-    mon(rados_cluster, "osd pool delete", pool=name, pool2=name,
-        yes_i_really_really_mean_it=True)
-
-
-@pytest.fixture
-def source(cli: Cli, ioctx: Any, images: list[str],
-           cluster: devcluster.ClusterInfo) -> dict[str, str]:
-    name = new_image(ioctx, images, 24 * MiB)
-    with rbd.Image(ioctx, name) as image:
-        image.write(random.Random(name).randbytes(20 * MiB), 2 * MiB)
-    return {"name": name, "backup_id": cli.json("backup", f"volumes/{name}")["backup_id"],
-            "digest": export_digest(cluster, f"volumes/{name}")}
+def pool(scratch_pool: str, rados_cluster: Any) -> Iterator[str]:
+    yield scratch_pool
+    set_quota(rados_cluster, scratch_pool, 0)  # a full pool is deleted all the same
 
 
 def test_a_restore_into_a_pool_without_room_is_refused_and_a_full_pool_is_reported(

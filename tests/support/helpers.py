@@ -147,3 +147,11 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60, every: float = 0
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(every)
     return value
+
+
+def mon_command(rados_cluster: Any, prefix: str, **args: Any) -> Any:
+    """A monitor command as the admin, its JSON answer (None for none); fails on error."""
+    ret, out, err = rados_cluster.mon_command(
+        json.dumps({"prefix": prefix, "format": "json", **args}), b"", timeout=30)
+    assert ret == 0, err
+    return json.loads(out) if out.strip() else None

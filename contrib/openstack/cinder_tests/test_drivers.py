@@ -20,6 +20,7 @@ from tests.support.helpers import Cli, export_digest
 
 MiB = 1 << 20
 GiB = 1 << 30
+RBD_RESTORE = Path(__file__).resolve().parents[3] / ".venv" / "bin" / "rbd-restore"
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,7 @@ def volume_driver(cluster: devcluster.ClusterInfo, env: dict[str, Any]) -> Any:
     conf.register_opts(rbd.RBD_OPTS + rr_cli.OPTS, group=group)
     for name, value in (("rbd_pool", "volumes"), ("rbd_ceph_conf", str(cluster.ceph_conf)),
                         ("rbd_user", "admin"), ("rbd_restore_config", str(env["config"])),
-                        ("rbd_restore_command", str(Path(__file__).resolve().parents[3]
-                                                    / ".venv" / "bin" / "rbd-restore")),
+                        ("rbd_restore_command", str(RBD_RESTORE)),
                         ("rados_connection_retries", 1), ("rados_connection_interval", 1)):
         conf.set_override(name, value, group=group)
     driver = RBDRestoreDriver(configuration=configuration.Configuration(
@@ -68,6 +68,26 @@ def volume_driver(cluster: devcluster.ClusterInfo, env: dict[str, Any]) -> Any:
     driver.do_setup(env["ctx"])
     driver.check_for_setup_error()
     return driver
+
+
+def backed_up(cluster: devcluster.ClusterInfo, env: dict[str, Any], source: Any) -> Any:
+    """A Cinder backup of ``source`` written by the backup driver through os-brick."""
+    import rbd
+    from os_brick.initiator import linuxrbd
+    from rbd_restore_cinder.backup import RBDRestoreBackupDriver
+
+    env["conf"].set_override("rbd_restore_config", str(env["config"]))
+    env["conf"].set_override("rbd_restore_command", str(RBD_RESTORE))
+    backup = env["objects"].Backup(env["ctx"], volume_id=source.id, status="creating",
+                                   user_id="u1", project_id="p1", size=1,
+                                   service="rbd_restore_cinder.backup.RBDRestoreBackupDriver")
+    backup.create()
+    with linuxrbd.RBDClient("admin", "volumes", conffile=str(cluster.ceph_conf)) as client:
+        wrapper = linuxrbd.RBDVolumeIOWrapper(linuxrbd.RBDImageMetadata(
+            rbd.Image(client.ioctx, source.name), "volumes", "admin", str(cluster.ceph_conf)))
+        backup.update(RBDRestoreBackupDriver(env["ctx"]).backup(backup, wrapper))
+        wrapper.close()
+    return backup
 
 
 def make_volume(env: dict[str, Any], size: int = 1) -> Any:
@@ -83,8 +103,6 @@ def test_backup_driver_then_instant_volume_from_backup(
         rados_cluster: Any) -> None:
     import rbd
     from cinder import exception
-    from os_brick.initiator import linuxrbd
-    from rbd_restore_cinder.backup import RBDRestoreBackupDriver
 
     env = cinder_env
     driver = volume_driver(cluster, env)
@@ -94,19 +112,7 @@ def test_backup_driver_then_instant_volume_from_backup(
         image.write(random.Random(5).randbytes(9 * MiB), 3 * MiB)
     want = export_digest(cluster, f"volumes/{source.name}")
 
-    env["conf"].set_override("rbd_restore_config", str(env["config"]))
-    env["conf"].set_override("rbd_restore_command", str(
-        Path(__file__).resolve().parents[3] / ".venv" / "bin" / "rbd-restore"))
-    backup = env["objects"].Backup(env["ctx"], volume_id=source.id, status="creating",
-                                   user_id="u1", project_id="p1", size=1,
-                                   service="rbd_restore_cinder.backup.RBDRestoreBackupDriver")
-    backup.create()
-    with linuxrbd.RBDClient("admin", "volumes", conffile=str(cluster.ceph_conf)) as client:
-        wrapper = linuxrbd.RBDVolumeIOWrapper(linuxrbd.RBDImageMetadata(
-            rbd.Image(client.ioctx, source.name), "volumes", "admin", str(cluster.ceph_conf)))
-        updates = RBDRestoreBackupDriver(env["ctx"]).backup(backup, wrapper)
-        wrapper.close()
-    backup.update(updates)
+    backup = backed_up(cluster, env, source)
     backup.status = "available"
     backup.save()
     stored = json.loads(backup.service_metadata)["rbd_restore_backup_id"]
@@ -160,22 +166,11 @@ def test_the_backup_driver_restores_a_volume_whatever_the_export_says_on_stderr(
     with rados_cluster.open_ioctx("volumes") as ioctx, rbd.Image(ioctx, source.name) as image:
         image.write(random.Random(6).randbytes(6 * MiB), 1 * MiB)
     want = export_digest(cluster, f"volumes/{source.name}")
-    real = Path(__file__).resolve().parents[3] / ".venv" / "bin" / "rbd-restore"
     chatty = tmp_path / "rbd-restore"
     chatty.write_text(f"#!/bin/sh\nhead -c 262144 /dev/zero | tr '\\0' w >&2\n"
-                      f'exec {real} "$@"\n')
+                      f'exec {RBD_RESTORE} "$@"\n')
     chatty.chmod(0o755)
-    env["conf"].set_override("rbd_restore_config", str(env["config"]))
-    env["conf"].set_override("rbd_restore_command", str(real))
-    backup = env["objects"].Backup(env["ctx"], volume_id=source.id, status="creating",
-                                   user_id="u1", project_id="p1", size=1,
-                                   service="rbd_restore_cinder.backup.RBDRestoreBackupDriver")
-    backup.create()
-    with linuxrbd.RBDClient("admin", "volumes", conffile=str(cluster.ceph_conf)) as client:
-        wrapper = linuxrbd.RBDVolumeIOWrapper(linuxrbd.RBDImageMetadata(
-            rbd.Image(client.ioctx, source.name), "volumes", "admin", str(cluster.ceph_conf)))
-        backup.update(RBDRestoreBackupDriver(env["ctx"]).backup(backup, wrapper))
-        wrapper.close()
+    backup = backed_up(cluster, env, source)
     backup.save()
 
     env["conf"].set_override("rbd_restore_command", str(chatty))
