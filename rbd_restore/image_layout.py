@@ -19,11 +19,7 @@ import logging
 from typing import Any
 
 from rbd_restore.ceph import Cluster
-from rbd_restore.repo.image_layout import (
-    METADATA_MAX_BYTES,
-    OWN_METADATA_PREFIX,
-    Layout,
-)
+from rbd_restore.repo.image_layout import OWN_METADATA_PREFIX, Layout, metadata_fits
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +51,7 @@ def read_layout(cluster: Cluster, image: Any) -> Layout:
         data_pool = str(cluster.rados.pool_reverse_lookup(int(image.data_pool_id())))
     metadata = {str(k): str(v) for k, v in image.metadata_list()
                 if not str(k).startswith(OWN_METADATA_PREFIX)}
-    if len(repr(metadata)) > METADATA_MAX_BYTES:
+    if not metadata_fits(metadata):
         log.warning("the image-meta of %s exceeds 64 KiB and is not kept with its backup",
                     image.get_name())
         metadata = {}

@@ -78,7 +78,7 @@ def parse_layout(body: Any) -> Layout:
             isinstance(k, str) and 0 < len(k) <= 256 and isinstance(v, str)
             for k, v in metadata.items()):
         raise ValueError("layout.metadata is not an object of strings")
-    if len(json.dumps(metadata)) > METADATA_MAX_BYTES:
+    if not metadata_fits(metadata):
         raise ValueError("layout.metadata exceeds 64 KiB")
     return Layout(order, tuple(dict.fromkeys(features)), unit, count, data_pool,
                   dict(metadata))
@@ -89,3 +89,9 @@ def _integer(body: dict[str, Any], name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"layout.{name} is not an integer")
     return value
+
+
+def metadata_fits(metadata: dict[str, str]) -> bool:
+    """Whether image-meta is within the manifest's bound, measured as the manifest
+    stores it (JSON, non-ASCII escaped: a character can take six bytes)."""
+    return len(json.dumps(metadata)) <= METADATA_MAX_BYTES

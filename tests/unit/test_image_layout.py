@@ -11,7 +11,7 @@ import pytest
 
 from rbd_restore.errors import IntegrityError
 from rbd_restore.repo import manifest
-from rbd_restore.repo.image_layout import Layout, parse_layout
+from rbd_restore.repo.image_layout import Layout, metadata_fits, parse_layout
 from rbd_restore.repo.repository import new_backup_id
 
 LAYOUT = Layout(order=23, features=("layering", "exclusive-lock", "journaling"),
@@ -57,3 +57,12 @@ def test_a_layout_a_restore_must_not_apply_is_refused(change: dict[str, Any],
 
 def test_default_striping_is_not_striped() -> None:
     assert not dataclasses.replace(LAYOUT, stripe_unit=8 << 20, stripe_count=1).striped
+
+
+def test_metadata_is_measured_as_the_manifest_stores_it() -> None:
+    """The backup measured it with repr(), where a non-ASCII character takes one byte
+    and JSON six: image-meta under the bound there made a manifest the reader
+    refuses."""
+    wide = {"note": "é" * 20_000}  # 20 KB by repr, 120 KB as stored
+    assert len(repr(wide)) < 64 << 10 and not metadata_fits(wide)
+    assert metadata_fits({"note": "e" * 20_000})
